@@ -1,9 +1,22 @@
-"""Vandermonde product, plain PyTorch (SPEC sections 3 and 4): the ground truth.
+"""Vandermonde product in plain PyTorch (SPEC sections 3 and 4): the ground truth and the CPU path.
 
-out[..., l] = 2 Re sum_n v[..., n] exp(x[..., n] * l),  l = 0..L-1.
+    out[..., l] = 2 Re sum_n v[..., n] exp(x[..., n] * l),  l = 0..L-1.
+
+- `vandermonde_ref`: the readable formula. It materializes (..., N, L); use it with complex128
+  inputs as ground truth and at small sizes only.
+- `vandermonde_chunked`: the CPU path. With l = c*T + t (SPEC 3, power reuse),
+  exp(x l) = exp(x cT) * exp(x t), so per row the filter is the real part of a small matrix
+  product (C x N) @ (N x T), C = ceil(L / T). Memory is O(rows * (L + N * (C + T))), never
+  (rows, N, L), in forward and backward (the backward recomputes the powers instead of saving
+  them). The chunk-start powers exp(x cT) are evaluated directly (no error accumulation), with the
+  phase Im(x) * cT formed in float64 and reduced mod 2 pi before the cast, so long filters
+  (L = 64K and beyond) keep float32 accuracy.
+
 No Triton import here.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -13,3 +26,113 @@ def vandermonde_ref(v: torch.Tensor, x: torch.Tensor, L: int) -> torch.Tensor:
     l = torch.arange(L, device=x.device, dtype=x.real.dtype)      # (L,)
     vander = torch.exp(x.unsqueeze(-1) * l)                         # (..., N, L)
     return 2 * torch.einsum("...n,...nl->...l", v, vander).real    # (..., L)
+
+
+def default_block(L: int) -> int:
+    """Width T of the power table: the power of two nearest sqrt(L), so C = L/T is close to T."""
+    return 1 << max(0, round(math.log2(max(L, 1)) / 2))
+
+
+def reduced_phase(xi: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Im(x) * step mod 2 pi: (R, N) x (S,) -> (R, N, S) in the dtype of xi.
+
+    The product can reach Im(x) * L (1e5 rad and more); formed in float64 and reduced before the
+    cast, the float32 result is accurate to float32 rounding of the reduced angle.
+    """
+    phase = xi.double().unsqueeze(-1) * steps.double()                               # (R, N, S)
+    return (phase - torch.round(phase / (2 * math.pi)) * (2 * math.pi)).to(xi.dtype)  # (R, N, S)
+
+
+def chunk_start_powers(x: torch.Tensor, C: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(x * c*T) for c = 0..C-1, evaluated directly: (R, N) -> real, imag planes (R, C, N)."""
+    start = torch.arange(C, device=x.device, dtype=x.real.dtype) * T                 # (C,)
+    mag = torch.exp(x.real.unsqueeze(-2) * start.unsqueeze(-1))                       # (R, C, N)
+    phase = reduced_phase(x.imag, start).transpose(-1, -2)                            # (R, C, N)
+    return mag * torch.cos(phase), mag * torch.sin(phase)
+
+
+def block_powers(x: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(x * t) for t = 0..T-1: (R, N) -> real, imag planes (R, N, T).
+
+    Real planes because torch's complex exp on CPU is ~10x slower than exp, cos and sin.
+    """
+    t = torch.arange(T, device=x.device, dtype=x.real.dtype)     # (T,)
+    mag = torch.exp(x.real.unsqueeze(-1) * t)                     # (R, N, T)
+    phase = reduced_phase(x.imag, t)                              # (R, N, T)
+    return mag * torch.cos(phase), mag * torch.sin(phase)
+
+
+def _split(L: int, block: int | None) -> tuple[int, int]:
+    T = default_block(L) if block is None else min(block, L)
+    return T, -(-L // T)
+
+
+def chunked_forward(v: torch.Tensor, x: torch.Tensor, L: int, block: int | None = None) -> torch.Tensor:
+    """out = 2 Re sum_n v exp(x l) by power reuse: (R, N) complex -> (R, L) real, no autograd."""
+    T, C = _split(L, block)
+    R, N = v.shape
+    a = v.unsqueeze(-2) * torch.complex(*chunk_start_powers(x, C, T))  # (R, C, N)
+    wr, wi = block_powers(x, T)                                   # (R, N, T) each
+    # 2 Re(a @ w) = 2 (Re a @ Re w - Im a @ Im w): one real matmul with 2N inner terms.
+    a2 = torch.cat([a.real, -a.imag], dim=-1)                    # (R, C, 2N)
+    w2 = torch.cat([wr, wi], dim=-2)                             # (R, 2N, T)
+    out = torch.bmm(a2, w2).reshape(R, C * T)                    # (R, C*T)
+    out = out[:, :L] if C * T != L else out                      # (R, L)
+    return 2 * out
+
+
+def chunked_backward(grad: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
+                     block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum_l grad_l out_l w.r.t. v and x (PyTorch's conjugate convention):
+
+        grad_v = 2 sum_l g_l conj(exp(x l)),   grad_x = 2 sum_l g_l l conj(v exp(x l)).
+
+    With l = cT + t: sum_l g_l exp(x l) l^k = sum_c exp(x cT) sum_t g[c, t] (cT + t)^k exp(x t),
+    so both sums are one real matmul of g (C x T) with the power table (T x 4N).
+    """
+    R, L = grad.shape
+    T, C = _split(L, block)
+    g = grad.to(v.real.dtype)
+    if C * T != L:
+        g = torch.nn.functional.pad(g, (0, C * T - L))          # (R, C*T)
+    g = g.reshape(R, C, T)                                       # (R, C, T)
+    wr, wi = block_powers(x, T)                                  # (R, N, T) each
+    t = torch.arange(T, device=x.device, dtype=x.real.dtype)     # (T,)
+    w4 = torch.cat([wr, wi, wr * t, wi * t], dim=-2)             # (R, 4N, T)
+    s = torch.bmm(g, w4.transpose(-1, -2))                       # (R, C, 4N)
+    s0r, s0i, s1r, s1i = s.chunk(4, dim=-1)                      # (R, C, N) each
+    s0 = torch.complex(s0r, s0i)                                 # (R, C, N): sum_t g exp(x t)
+    s1 = torch.complex(s1r, s1i)                                 # (R, C, N): sum_t g t exp(x t)
+    e = torch.complex(*chunk_start_powers(x, C, T))              # (R, C, N)
+    start = (torch.arange(C, device=x.device, dtype=x.real.dtype) * T).unsqueeze(-1)  # (C, 1)
+    sum0 = (e * s0).sum(dim=-2)                                  # (R, N)
+    sum1 = (e * (start * s0 + s1)).sum(dim=-2)                   # (R, N)
+    return 2 * sum0.conj(), 2 * (v * sum1).conj()
+
+
+class ChunkedVandermonde(torch.autograd.Function):
+    """Autograd wrapper of the chunked path; the backward recomputes the powers (no saved powers)."""
+
+    @staticmethod
+    def forward(ctx, v, x, L, block):
+        ctx.save_for_backward(v, x)
+        ctx.block = block
+        return chunked_forward(v, x, L, block)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        v, x = ctx.saved_tensors
+        gv, gx = chunked_backward(grad, v, x, ctx.block)
+        return gv, gx, None, None
+
+
+def vandermonde_chunked(v: torch.Tensor, x: torch.Tensor, L: int, *, block: int | None = None) -> torch.Tensor:
+    """Memory-lean Vandermonde product (the CPU path): complex (..., N) -> real (..., L).
+
+    No input validation here; the public `kernels.vandermonde` validates. `block` is the width T
+    of the power table (default: the power of two nearest sqrt(L)).
+    """
+    lead = v.shape[:-1]
+    out = ChunkedVandermonde.apply(v.reshape(-1, v.shape[-1]), x.reshape(-1, x.shape[-1]), L, block)  # (R, L)
+    return out.reshape(*lead, L)                                  # (..., L)

@@ -1,0 +1,36 @@
+"""One benchmark case in a fresh process: `python -m experiments.bench.child '<case json>'`.
+
+Prints one JSON line: the case's result plus `mem_bytes`, the growth of peak RSS (ru_maxrss) over
+the baseline taken after the imports the case needs; on CUDA the in-process CUDA peak is kept.
+Used by the runner for CPU memory (issue 7: peak RSS of a fresh process per case).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(argv: list[str]) -> int:
+    case = json.loads(argv[0])
+    import torch  # noqa: F401  (part of the baseline)
+    from experiments.bench.timing import max_rss_bytes
+    if case["kind"] == "layer":
+        from experiments.bench.layers import Missing, preload, run_layer_case as run
+        try:
+            preload(case["layer"])
+        except Missing:
+            pass
+    else:
+        import kernels  # noqa: F401
+        from experiments.bench.ops import run_op_case as run
+    base = max_rss_bytes()
+    res = run(case)
+    if case["device"] == "cpu" and res.get("status") == "OK":
+        res["rss_base_bytes"] = base
+        res["mem_bytes"] = max_rss_bytes() - base
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

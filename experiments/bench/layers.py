@@ -1,0 +1,95 @@
+"""Layer benchmark cases (issue 7): S4D, S4, an SDPA attention layer and a Transformer block with
+RoPE at equal width, forward (inference, under no_grad) and forward+backward (all parameters and
+the input), time and peak memory.
+
+- `s4d`: `ssm.layers.s4.S4(H, N, mode="diag")`; `s4`: `S4(H, N, mode="dplr")` (SPEC section 3),
+  each at its constructor defaults (causal, default init and discretization).
+- `attention`: `ssm.layers.attention.MultiHeadAttention` (SDPA, bidirectional), head dim 64.
+- `transformer`: `ssm.layers.attention.TransformerBlock(pos="rope")` (pre-norm, GELU MLP), head dim 64.
+Memory: on CUDA `max_memory_allocated` above the allocation before the call; on CPU the runner
+measures peak RSS growth in a fresh process per case (`experiments.bench.child`).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+LAYERS = ("s4d", "s4", "attention", "transformer")
+HEAD_DIM = 64
+_MODULE = {"s4d": "ssm.layers.s4", "s4": "ssm.layers.s4", "attention": "ssm.layers.attention",
+           "transformer": "ssm.layers.attention"}
+
+
+class Missing(Exception):
+    """The layer's module is not in the tree yet."""
+
+
+def preload(layer: str) -> None:
+    """Import what the case needs (so a fresh process's RSS baseline includes the imports)."""
+    if importlib.util.find_spec(_MODULE[layer]) is None:
+        raise Missing(f"{_MODULE[layer].replace('.', '/')}.py is not in the tree")
+    importlib.import_module(_MODULE[layer])
+
+
+def build(layer: str, H: int, N: int, *, device: str) -> torch.nn.Module:
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    preload(layer)
+    n_heads = max(1, H // HEAD_DIM)
+    if layer in ("s4d", "s4"):
+        from ssm.layers.s4 import S4
+        return S4(H, N, mode="diag" if layer == "s4d" else "dplr", device=device)
+    from ssm.layers.attention import MultiHeadAttention, TransformerBlock
+    if layer == "attention":
+        return MultiHeadAttention(H, n_heads=n_heads, device=device)
+    return TransformerBlock(H, n_heads=n_heads, pos="rope", device=device)
+
+
+def _forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = m(x)
+    return out[0] if isinstance(out, tuple) else out                                    # (B, L, H)
+
+
+def run_layer_case(case: dict) -> dict:
+    """Sanity-check, then time, one (layer, B, H, N, L, mode) case. Keys of `case`: layer, B, H,
+    N, L, mode, device, repeats, budget_s."""
+    from experiments.bench.timing import cuda_peak_bytes, time_fn
+    layer, B, H, N, L, mode, device = (case[k] for k in ("layer", "B", "H", "N", "L", "mode", "device"))
+    res = {"kind": "layer", **{k: case[k] for k in ("layer", "B", "H", "N", "L", "mode")}}
+    try:
+        m = build(layer, H, N, device=device)
+    except Missing as e:
+        return {**res, "status": "SKIPPED", "reason": str(e)}
+    except Exception as e:
+        return {**res, "status": "FAILED", "reason": f"construction raised {type(e).__name__}: {str(e)[:200]}"}
+    res["params"] = sum(p.numel() for p in m.parameters())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, H, generator=gen).to(device)                                 # (B, L, H)
+    params = [p for p in m.parameters() if p.requires_grad]
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return _forward(m, x)
+    else:
+        x.requires_grad_(True)
+        g = torch.randn(B, L, H, generator=gen).to(device)                             # (B, L, H)
+
+        def call():
+            return torch.autograd.grad(_forward(m, x), [x] + params, g)
+    try:
+        out = call()
+        outs = [out] if mode == "fwd" else list(out)
+        if mode == "fwd" and tuple(out.shape) != (B, L, H):
+            return {**res, "status": "FAILED", "reason": f"output shape {tuple(out.shape)} != {(B, L, H)}"}
+        if not all(bool(torch.isfinite(t).all()) for t in outs):
+            return {**res, "status": "FAILED", "reason": "non-finite output or gradient"}
+        del out, outs
+        res.update(time_fn(call, device=device, repeats=case["repeats"], budget_s=case["budget_s"], warmup=0))
+        if device == "cuda":
+            res["mem_bytes"] = cuda_peak_bytes(call)
+    except torch.cuda.OutOfMemoryError:
+        return {**res, "status": "OOM", "reason": "CUDA out of memory"}
+    except Exception as e:
+        return {**res, "status": "FAILED", "reason": f"{type(e).__name__}: {str(e)[:200]}"}
+    return {**res, "status": "OK"}

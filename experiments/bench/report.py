@@ -1,0 +1,158 @@
+"""Benchmark output (issue 7): header line, fixed-width tables, the JSON file with every raw
+number, log-log PNG plots (time vs L per provider / layer, memory vs L for layers) and the check of
+the targets the issues set.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+
+def header_line(h: dict) -> str:
+    return (f"# device: {h['device_name']} | torch {h['torch']} | triton {h['triton']} | commit {h['commit']} "
+            f"| {h['date']}\n# command: {h['command']}")
+
+
+def _ms(r: dict, key: str) -> str:
+    return f"{r[key] * 1e3:.3f}" if key in r else "-"
+
+
+def _mib(r: dict) -> str:
+    return f"{r['mem_bytes'] / 2**20:.1f}" if r.get("mem_bytes") is not None else "-"
+
+
+def _note(r: dict) -> str:
+    if r.get("status") != "OK":
+        return f"{r.get('status')}: {r.get('reason', '')}"
+    return f"n={r['repeats']}"
+
+
+def _fmt(rows: list[list[str]], heads: list[str]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(heads, *rows)]
+    line = (lambda cells: "  ".join(c.rjust(w) if i < len(cells) - 1 else c for i, (c, w) in enumerate(zip(cells, widths))))
+    return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def op_table(results: list[dict], *, gpu: bool) -> str:
+    heads = ["op", "provider", "mode", "H", "N", "L", "median ms", "p20 ms", "p80 ms", "mem MiB"]
+    if gpu:
+        heads += ["GFLOP/s", "GB/s", "floor %"]
+    heads += ["note"]
+    rows = []
+    for r in results:
+        row = [r["op"], r["provider"], r["mode"], str(r["H"]), str(r["N"]), str(r["L"]),
+               _ms(r, "median_s"), _ms(r, "p20_s"), _ms(r, "p80_s"), _mib(r)]
+        if gpu:
+            row += [f"{r['flop_per_s'] / 1e9:.1f}" if "flop_per_s" in r else "-",
+                    f"{r['bytes_per_s'] / 1e9:.1f}" if "bytes_per_s" in r else "-",
+                    f"{100 * r['floor_fraction']:.1f}" if "floor_fraction" in r else "-"]
+        rows.append(row + [_note(r)])
+    return _fmt(rows, heads)
+
+
+def layer_table(results: list[dict]) -> str:
+    heads = ["layer", "mode", "B", "H", "N", "L", "median ms", "p20 ms", "p80 ms", "peak MiB", "note"]
+    rows = [[r["layer"], r["mode"], str(r["B"]), str(r["H"]), str(r["N"]), str(r["L"]), _ms(r, "median_s"),
+             _ms(r, "p20_s"), _ms(r, "p80_s"), _mib(r), _note(r)] for r in results]
+    return _fmt(rows, heads)
+
+
+def _find(results, **kw):
+    for r in results:
+        if r.get("kind") == "layer" and r.get("status") == "OK" and all(r.get(k) == v for k, v in kw.items()):
+            return r
+    return None
+
+
+def targets(results: list[dict], *, device: str) -> list[str]:
+    """The issues' targets, checked against the rows that were measured (absent rows say so)."""
+    out = []
+    if device == "cpu":
+        for layer, t_max, m_max in (("s4d", 1.0, 500), ("s4", 3.5, 1024)):
+            r = _find(results, layer=layer, mode="fwdbwd", B=1, H=256, N=64, L=16384)
+            if r is None:
+                out.append(f"{layer} fwd+bwd B=1 H=256 N=64 L=16384 (<= {t_max} s, < {m_max} MB): not measured")
+                continue
+            mem = r.get("mem_bytes")
+            ok = r["median_s"] <= t_max and mem is not None and mem / 1e6 < m_max
+            out.append(f"{layer} fwd+bwd B=1 H=256 N=64 L=16384: {r['median_s']:.3f} s, "
+                       f"{'-' if mem is None else f'{mem / 1e6:.0f}'} MB (target <= {t_max} s, < {m_max} MB): "
+                       f"{'MET' if ok else 'MISSED'}")
+        key = dict(mode="fwdbwd", H=256, L=8192)
+    else:
+        key = dict(mode="fwdbwd", B=16, H=1024, L=16384)
+    s, a = _find(results, layer="s4d", **key), _find(results, layer="attention", **key)
+    desc = ", ".join(f"{k}={v}" for k, v in key.items())
+    if s is None or a is None:
+        out.append(f"s4d vs attention ({desc}): not measured")
+    else:
+        ratio = a["median_s"] / s["median_s"]
+        line = f"s4d vs attention ({desc}): {s['median_s']:.3f} s vs {a['median_s']:.3f} s, {ratio:.1f}x (target >= 10x)"
+        if device != "cpu" and s.get("mem_bytes") and a.get("mem_bytes"):
+            line += f"; memory {s['mem_bytes'] / a['mem_bytes']:.3f} of attention's (target <= 0.1)"
+        out.append(line + (": MET" if ratio >= 10 else ": MISSED"))
+    return out
+
+
+def write_json(path: str, header: dict, results: list[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"header": header, "results": results}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def plot(path: str, header: dict, results: list[dict]) -> bool:
+    """Log-log plots: one panel per (op, mode) with time vs L per provider (and H, N when several),
+    then layer time vs L and layer memory vs L per mode. Returns False when nothing was measured."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r.get("status") == "OK"]
+    panels = []  # (title, ylabel, {label: [(L, y)]})
+    for op in dict.fromkeys(r["op"] for r in ok if r["kind"] == "op"):
+        for mode in ("fwd", "fwdbwd"):
+            rs = [r for r in ok if r["kind"] == "op" and r["op"] == op and r["mode"] == mode]
+            multi = len({(r["H"], r["N"]) for r in rs}) > 1
+            series = {}
+            for r in rs:
+                lab = r["provider"] + (f" H={r['H']} N={r['N']}" if multi else "")
+                series.setdefault(lab, []).append((r["L"], r["median_s"]))
+            if series:
+                panels.append((f"{op} {mode}" + ("" if multi else f" (H={rs[0]['H']}, N={rs[0]['N']})"), "time (s)", series))
+    for mode in ("fwd", "fwdbwd"):
+        rs = [r for r in ok if r["kind"] == "layer" and r["mode"] == mode]
+        for what, key, unit in (("time", "median_s", "time (s)"), ("peak memory", "mem_bytes", "memory (MiB)")):
+            series = {}
+            for r in rs:
+                if r.get(key) is not None and r[key] > 0:
+                    y = r[key] / 2**20 if key == "mem_bytes" else r[key]
+                    series.setdefault(f"{r['layer']} B={r['B']} H={r['H']}", []).append((r["L"], y))
+            if series:
+                panels.append((f"layers {mode}: {what}", unit, series))
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.0 * nrows), squeeze=False)
+    for ax, (title, ylabel, series) in zip(axes.flat, panels):
+        for lab, pts in series.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("L")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{header['device_name']} | torch {header['torch']} | commit {header['commit']} | {header['date']}",
+                 fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,122 @@
+"""Timing, memory and environment helpers for the benchmark runner (CONVENTIONS: Experiments and
+benchmarks; issue 7).
+
+- CUDA: device events around each call after a warm-up; peak memory from `max_memory_allocated`.
+- CPU: `time.perf_counter` around each call after a warm-up; peak memory is the growth of
+  `ru_maxrss` in a FRESH process running one case (`run_isolated` -> `experiments.bench.child`).
+- Repeats adapt to a per-case time budget so slow cases (the materializing formula at large L)
+  still finish: the first timed call decides how many more fit, never fewer than one in total.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def env_header(device: str) -> dict:
+    """Device, library versions, git commit and date: the header line of every report."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = f"cpu {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {"device": device, "device_name": name, "torch": torch.__version__, "triton": triton_version,
+            "commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "python": platform.python_version(), "command": "python -m experiments.bench " + " ".join(sys.argv[1:])}
+
+
+def git_commit() -> str:
+    """Short hash of HEAD, with '+dirty' when the tree has uncommitted changes; 'unknown' outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev or "unknown") + ("+dirty" if dirty else "")
+
+
+def summarize(times: list[float]) -> dict:
+    """Median and p20-p80 spread (seconds) of repeated timings."""
+    ts = sorted(times)
+    q = (lambda p: ts[min(len(ts) - 1, max(0, round(p * (len(ts) - 1))))])
+    return {"median_s": statistics.median(ts), "p20_s": q(0.2), "p80_s": q(0.8), "min_s": ts[0], "max_s": ts[-1],
+            "repeats": len(ts), "times_s": times}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_once(fn: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_fn(fn: Callable[[], object], *, device: str, repeats: int, budget_s: float, warmup: int = 1) -> dict:
+    """Warm up, then time up to `repeats` calls, as many as fit in `budget_s` (at least one)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = [_time_once(fn, device)]
+    extra = min(repeats - 1, int(budget_s / max(times[0], 1e-9)) - 1)
+    for _ in range(max(0, extra)):
+        times.append(_time_once(fn, device))
+    return summarize(times)
+
+
+def cuda_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak CUDA memory allocated by one call of `fn`, above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_isolated(case: dict, *, timeout_s: float, env: dict | None = None) -> dict:
+    """Run one case in a fresh Python process (`python -m experiments.bench.child`) and return its
+    result; a crash, an out-of-memory kill or a timeout comes back as a FAILED/TIMEOUT result."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, "-m", "experiments.bench.child", json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return {"status": "TIMEOUT", "reason": f"fresh process exceeded {timeout_s:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    return {"status": "FAILED", "reason": f"fresh process died (exit {proc.returncode}): {tail[:300]}"}

@@ -1,0 +1,85 @@
+"""The LRA quick start: `python -m experiments.lra.quickstart [--out DIR]`.
+
+1. Generates a small ListOps set with the library's generator (SPEC section 6 procedure, shorter
+   sequences than the benchmark's 500-2000 tokens so that it trains on a CPU),
+2. trains S4D with `--preset cpu-small` (about five minutes on 2 CPU cores),
+3. trains the Transformer with the same preset for comparison,
+4. prints test accuracy next to the majority-class rate of the test split.
+Each model is an ordinary `experiments.lra.train` run in `DIR/<model>` (metrics.jsonl, checkpoints,
+result.json), so `python -m experiments.lra.report DIR` tabulates them too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from experiments.lra import listops, train
+
+# The quick-start data: sizes and token lengths (the benchmark uses 96k/2k/2k and 500-2000).
+N_TRAIN, N_VAL, N_TEST = 6000, 500, 1000
+MIN_LENGTH, MAX_LENGTH = 50, 200
+DATA_SEED = 0
+
+
+def generate_data(root: Path) -> Path:
+    """Write the quick-start ListOps split in the release layout under `root` (reused if present)."""
+    folder = root / listops.FOLDER
+    if all((folder / listops.SPLIT_FILES[s]).is_file() for s in ("train", "val", "test")):
+        print(f"[quickstart] reusing ListOps data in {folder}", flush=True)
+        return root
+    from tqdm.auto import tqdm
+
+    with tqdm(total=N_TRAIN + N_VAL + N_TEST, desc="generating ListOps", dynamic_ncols=True) as bar:
+        splits = listops.generate_splits(N_TRAIN, N_VAL, N_TEST, seed=DATA_SEED, min_length=MIN_LENGTH,
+                                         max_length=MAX_LENGTH, progress=bar.update)
+    listops.write_splits(root, splits)
+    return root
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m experiments.lra.quickstart", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("--out", type=Path, default=Path("runs/lra-quickstart"),
+                   help="output folder: data/ plus one run folder per model (run folders are replaced)")
+    p.add_argument("--models", nargs="+", default=["s4d", "transformer"], choices=["s4d", "s4", "transformer"])
+    p.add_argument("--max-steps", type=int, default=None, help="cap on training steps per model (smoke runs)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    data_dir = generate_data(args.out / "data")
+    results = []
+    for model in args.models:
+        run_dir = args.out / model
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        cli = ["--task", "listops", "--model", model, "--data-dir", str(data_dir), "--preset", "cpu-small",
+               "--out", str(run_dir), "--seed", str(args.seed)]
+        if args.max_steps is not None:
+            cli += ["--max-steps", str(args.max_steps)]
+        print(f"\n[quickstart] python -m experiments.lra.train {' '.join(cli)}", flush=True)
+        t0 = time.perf_counter()
+        res = train.main(cli)
+        res["wall_seconds"] = time.perf_counter() - t0
+        results.append(res)
+
+    lines = ["", "ListOps quick start (generated, "
+             f"{N_TRAIN}/{N_VAL}/{N_TEST} examples, {MIN_LENGTH}-{MAX_LENGTH} tokens), preset cpu-small:", "",
+             "| model | test accuracy | majority class | params | steps | wall time |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {100 * r['test_acc']:.2f}% | {100 * r['majority_rate']:.2f}% | "
+                     f"{r['n_params']:,} | {r['steps']} | {r['wall_seconds'] / 60:.1f} min |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    (args.out / "summary.md").write_text(text + "\n")
+    (args.out / "summary.json").write_text(json.dumps(
+        [{k: r[k] for k in ("model", "test_acc", "majority_rate", "n_params", "steps", "wall_seconds")}
+         for r in results], indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

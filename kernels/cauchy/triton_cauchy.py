@@ -1,0 +1,289 @@
+"""Triton kernels for the Cauchy product (SPEC section 4), then the launchers, then the autograd.Function.
+
+    out[r, h, j] = sum_n v[r, h, n] / (z[j] - w[h, n])   (+ conj(v) / (z[j] - conj(w)) if SYMMETRIC)
+
+Shapes: v (R, H, N) numerators sharing the poles w (H, N) of row h; z (M,) evaluation points.
+Complex tensors stop at the launchers: kernels read and write interleaved real/imaginary planes
+(`torch.view_as_real`), so element k of a complex tensor lives at float offsets 2k and 2k + 1.
+
+- forward: grid (H, M-blocks); loop over the N poles; per (pole, point) the reciprocal is formed
+  once and multiplied into all R numerators; the symmetric form adds the conjugate pole in the
+  same pass.
+- backward, v and w: grid (H, N-blocks); each program loops over all M blocks and reduces there.
+- backward, z: grid (M-blocks, row splits); each program reduces over its rows and all poles; the
+  partial sums of the splits are added in a fixed order afterwards. No atomics anywhere, so the
+  results are bitwise reproducible.
+Gradients follow PyTorch's convention for holomorphic maps (see `reference.py`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._triton import interpreter_on
+
+
+def _configs(interpreted: dict, gpu: list[dict]) -> list[triton.Config]:
+    # The interpreter runs one config (multi-config autotune needs a GPU). Its cost grows with the
+    # number of programs and loop iterations, not with the block width, so its blocks are wide.
+    if interpreter_on():
+        return [triton.Config(interpreted, num_warps=4)]
+    return [triton.Config(c, num_warps=nw) for c in gpu for nw in (4, 8)]
+
+
+_NM_CONFIGS = dict(interpreted={"BLOCK_N": 32, "BLOCK_M": 128},
+                   gpu=[{"BLOCK_N": bn, "BLOCK_M": bm} for bn in (4, 8, 16) for bm in (32, 64, 128)])
+
+
+@triton.autotune(configs=_configs(**_NM_CONFIGS), key=["N", "M", "R", "SYMMETRIC"])
+@triton.jit
+def _cauchy_fwd_kernel(v_ptr, z_ptr, w_ptr, out_ptr, H, N, M,
+                       R: tl.constexpr, BLOCK_R: tl.constexpr, SYMMETRIC: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_h = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    z_re = tl.load(z_ptr + 2 * offs_m, mask=mask_m, other=0.0)[None, :]
+    z_im = tl.load(z_ptr + 2 * offs_m + 1, mask=mask_m, other=0.0)[None, :]
+    acc_re = tl.zeros((BLOCK_R, BLOCK_M), dtype=z_re.dtype)
+    acc_im = tl.zeros((BLOCK_R, BLOCK_M), dtype=z_re.dtype)
+    v_row = offs_r.to(tl.int64)[:, None] * (H * N) + pid_h * N
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        w_re = tl.load(w_ptr + 2 * (pid_h * N + offs_n), mask=mask_n, other=0.0)[:, None]
+        w_im = tl.load(w_ptr + 2 * (pid_h * N + offs_n) + 1, mask=mask_n, other=0.0)[:, None]
+        vmask = mask_r[:, None] & mask_n[None, :]
+        v_re = tl.load(v_ptr + 2 * (v_row + offs_n[None, :]), mask=vmask, other=0.0)[:, :, None]
+        v_im = tl.load(v_ptr + 2 * (v_row + offs_n[None, :]) + 1, mask=vmask, other=0.0)[:, :, None]
+        # Padded lanes may put a pole on a point (z = 0 is common): Re(z - w) := 1 keeps their
+        # reciprocal finite, and their zero numerators make them add nothing.
+        d_re = tl.where(mask_n[:, None] & mask_m[None, :], z_re - w_re, 1.0)
+        d_im = z_im - w_im
+        inv = 1.0 / (d_re * d_re + d_im * d_im)
+        c_re = (d_re * inv)[None, :, :]
+        c_im = (-d_im * inv)[None, :, :]
+        acc_re += tl.sum(v_re * c_re - v_im * c_im, axis=1)
+        acc_im += tl.sum(v_re * c_im + v_im * c_re, axis=1)
+        if SYMMETRIC:
+            e_im = z_im + w_im
+            inv2 = 1.0 / (d_re * d_re + e_im * e_im)
+            c2_re = (d_re * inv2)[None, :, :]
+            c2_im = (-e_im * inv2)[None, :, :]
+            acc_re += tl.sum(v_re * c2_re + v_im * c2_im, axis=1)
+            acc_im += tl.sum(v_re * c2_im - v_im * c2_re, axis=1)
+    o = offs_r.to(tl.int64)[:, None] * (H * M) + pid_h * M + offs_m[None, :]
+    mask = mask_r[:, None] & mask_m[None, :]
+    tl.store(out_ptr + 2 * o, acc_re, mask=mask)
+    tl.store(out_ptr + 2 * o + 1, acc_im, mask=mask)
+
+
+@triton.autotune(configs=_configs(**_NM_CONFIGS), key=["N", "M", "R", "SYMMETRIC"])
+@triton.jit
+def _cauchy_bwd_vw_kernel(g_ptr, v_ptr, z_ptr, w_ptr, gv_ptr, gw_ptr, H, N, M,
+                          R: tl.constexpr, BLOCK_R: tl.constexpr, SYMMETRIC: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_h = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    w_re = tl.load(w_ptr + 2 * (pid_h * N + offs_n), mask=mask_n, other=0.0)[:, None]
+    w_im = tl.load(w_ptr + 2 * (pid_h * N + offs_n) + 1, mask=mask_n, other=0.0)[:, None]
+    # sv = sum_j g conj(c), st = sum_j g conj(c^2); the suffix 2 marks the conjugate poles.
+    zero = tl.zeros((BLOCK_R, BLOCK_N), dtype=w_re.dtype)
+    sv_re, sv_im, st_re, st_im = zero, zero, zero, zero
+    sv2_re, sv2_im, st2_re, st2_im = zero, zero, zero, zero
+    g_row = offs_r.to(tl.int64)[:, None] * (H * M) + pid_h * M
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        z_re = tl.load(z_ptr + 2 * offs_m, mask=mask_m, other=0.0)[None, :]
+        z_im = tl.load(z_ptr + 2 * offs_m + 1, mask=mask_m, other=0.0)[None, :]
+        gmask = mask_r[:, None] & mask_m[None, :]
+        g_re = tl.load(g_ptr + 2 * (g_row + offs_m[None, :]), mask=gmask, other=0.0)[:, None, :]
+        g_im = tl.load(g_ptr + 2 * (g_row + offs_m[None, :]) + 1, mask=gmask, other=0.0)[:, None, :]
+        # Padded lanes: finite reciprocal (see the forward) times a zero gradient.
+        d_re = tl.where(mask_n[:, None] & mask_m[None, :], z_re - w_re, 1.0)
+        d_im = z_im - w_im
+        inv = 1.0 / (d_re * d_re + d_im * d_im)
+        c_re = d_re * inv
+        c_im = -d_im * inv
+        s_re = (c_re * c_re - c_im * c_im)[None, :, :]
+        s_im = (2.0 * c_re * c_im)[None, :, :]
+        c_re = c_re[None, :, :]
+        c_im = c_im[None, :, :]
+        sv_re += tl.sum(g_re * c_re + g_im * c_im, axis=2)
+        sv_im += tl.sum(g_im * c_re - g_re * c_im, axis=2)
+        st_re += tl.sum(g_re * s_re + g_im * s_im, axis=2)
+        st_im += tl.sum(g_im * s_re - g_re * s_im, axis=2)
+        if SYMMETRIC:
+            e_im = z_im + w_im
+            inv2 = 1.0 / (d_re * d_re + e_im * e_im)
+            c2_re = d_re * inv2
+            c2_im = -e_im * inv2
+            s2_re = (c2_re * c2_re - c2_im * c2_im)[None, :, :]
+            s2_im = (2.0 * c2_re * c2_im)[None, :, :]
+            c2_re = c2_re[None, :, :]
+            c2_im = c2_im[None, :, :]
+            sv2_re += tl.sum(g_re * c2_re + g_im * c2_im, axis=2)
+            sv2_im += tl.sum(g_im * c2_re - g_re * c2_im, axis=2)
+            st2_re += tl.sum(g_re * s2_re + g_im * s2_im, axis=2)
+            st2_im += tl.sum(g_im * s2_re - g_re * s2_im, axis=2)
+    if SYMMETRIC:
+        # The conjugate half enters through conj(v), conj(w): its gradient is conjugated back.
+        sv_re += sv2_re
+        sv_im -= sv2_im
+        st_re += st2_re
+        st_im -= st2_im
+    v_off = offs_r.to(tl.int64)[:, None] * (H * N) + pid_h * N + offs_n[None, :]
+    vmask = mask_r[:, None] & mask_n[None, :]
+    tl.store(gv_ptr + 2 * v_off, sv_re, mask=vmask)
+    tl.store(gv_ptr + 2 * v_off + 1, sv_im, mask=vmask)
+    # grad_w = sum_r conj(v) * st
+    v_re = tl.load(v_ptr + 2 * v_off, mask=vmask, other=0.0)
+    v_im = tl.load(v_ptr + 2 * v_off + 1, mask=vmask, other=0.0)
+    gw_re = tl.sum(v_re * st_re + v_im * st_im, axis=0)
+    gw_im = tl.sum(v_re * st_im - v_im * st_re, axis=0)
+    tl.store(gw_ptr + 2 * (pid_h * N + offs_n), gw_re, mask=mask_n)
+    tl.store(gw_ptr + 2 * (pid_h * N + offs_n) + 1, gw_im, mask=mask_n)
+
+
+@triton.autotune(configs=_configs(**_NM_CONFIGS), key=["N", "M", "R", "SYMMETRIC"])
+@triton.jit
+def _cauchy_bwd_z_kernel(g_ptr, v_ptr, z_ptr, w_ptr, part_ptr, H, N, M, ROWS_PER_SPLIT,
+                         R: tl.constexpr, BLOCK_R: tl.constexpr, SYMMETRIC: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    z_re = tl.load(z_ptr + 2 * offs_m, mask=mask_m, other=0.0)[None, :]
+    z_im = tl.load(z_ptr + 2 * offs_m + 1, mask=mask_m, other=0.0)[None, :]
+    acc_re = tl.zeros((BLOCK_N, BLOCK_M), dtype=z_re.dtype)
+    acc_im = tl.zeros((BLOCK_N, BLOCK_M), dtype=z_re.dtype)
+    gmask = mask_r[:, None] & mask_m[None, :]
+    h_start = pid_s.to(tl.int64) * ROWS_PER_SPLIT
+    h_end = tl.minimum(h_start + ROWS_PER_SPLIT, H)
+    for hh in range(h_start, h_end):
+        g_off = offs_r.to(tl.int64)[:, None] * (H * M) + hh * M + offs_m[None, :]
+        g_re = tl.load(g_ptr + 2 * g_off, mask=gmask, other=0.0)[:, None, :]
+        g_im = tl.load(g_ptr + 2 * g_off + 1, mask=gmask, other=0.0)[:, None, :]
+        v_row = offs_r.to(tl.int64)[:, None] * (H * N) + hh * N
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            w_re = tl.load(w_ptr + 2 * (hh * N + offs_n), mask=mask_n, other=0.0)[:, None]
+            w_im = tl.load(w_ptr + 2 * (hh * N + offs_n) + 1, mask=mask_n, other=0.0)[:, None]
+            vmask = mask_r[:, None] & mask_n[None, :]
+            v_re = tl.load(v_ptr + 2 * (v_row + offs_n[None, :]), mask=vmask, other=0.0)[:, :, None]
+            v_im = tl.load(v_ptr + 2 * (v_row + offs_n[None, :]) + 1, mask=vmask, other=0.0)[:, :, None]
+            # u = sum_r conj(v) g (zero on padded lanes); grad_z -= conj(c^2) u
+            u_re = tl.sum(v_re * g_re + v_im * g_im, axis=0)
+            u_im = tl.sum(v_re * g_im - v_im * g_re, axis=0)
+            d_re = tl.where(mask_n[:, None] & mask_m[None, :], z_re - w_re, 1.0)
+            d_im = z_im - w_im
+            inv = 1.0 / (d_re * d_re + d_im * d_im)
+            c_re = d_re * inv
+            c_im = -d_im * inv
+            s_re = c_re * c_re - c_im * c_im
+            s_im = 2.0 * c_re * c_im
+            acc_re -= s_re * u_re + s_im * u_im
+            acc_im -= s_re * u_im - s_im * u_re
+            if SYMMETRIC:
+                # conjugate pole with numerator conj(v): u2 = sum_r v g
+                u2_re = tl.sum(v_re * g_re - v_im * g_im, axis=0)
+                u2_im = tl.sum(v_re * g_im + v_im * g_re, axis=0)
+                e_im = z_im + w_im
+                inv2 = 1.0 / (d_re * d_re + e_im * e_im)
+                c2_re = d_re * inv2
+                c2_im = -e_im * inv2
+                s2_re = c2_re * c2_re - c2_im * c2_im
+                s2_im = 2.0 * c2_re * c2_im
+                acc_re -= s2_re * u2_re + s2_im * u2_im
+                acc_im -= s2_re * u2_im - s2_im * u2_re
+    p_off = pid_s.to(tl.int64) * M + offs_m
+    tl.store(part_ptr + 2 * p_off, tl.sum(acc_re, axis=0), mask=mask_m)
+    tl.store(part_ptr + 2 * p_off + 1, tl.sum(acc_im, axis=0), mask=mask_m)
+
+
+def _planes(x: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(x.resolve_conj().contiguous())
+
+
+def _block_r(R: int) -> int:
+    return triton.next_power_of_2(max(R, 1))
+
+
+def cauchy_fwd_triton(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, symmetric: bool = False, *,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """v (R, H, N), z (M,), w (H, N) complex -> (R, H, M). `out` (tests poison it) is overwritten."""
+    R, H, N = v.shape
+    M = z.shape[0]
+    if out is None:
+        out = torch.empty(R, H, M, dtype=v.dtype, device=v.device)          # (R, H, M)
+    if out.numel() == 0:
+        return out
+    grid = lambda meta: (H, triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+    _cauchy_fwd_kernel[grid](_planes(v), _planes(z), _planes(w), torch.view_as_real(out), H, N, M,
+                             R=R, BLOCK_R=_block_r(R), SYMMETRIC=symmetric)
+    return out
+
+
+def cauchy_bwd_triton(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
+                      symmetric: bool = False, need_vw: bool = True, need_z: bool = True, *,
+                      out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(grad_v (R, H, N), grad_z (M,), grad_w (H, N)) for grad (R, H, M); None where not asked for.
+
+    `out` = (grad_v, grad_z, grad_w) buffers to overwrite (tests poison them with NaN).
+    """
+    R, H, N = v.shape
+    M = z.shape[0]
+    gv, gz, gw = out if out is not None else (
+        torch.empty_like(v), torch.empty_like(z), torch.empty_like(w))
+    g, vp, zp, wp = _planes(grad), _planes(v), _planes(z), _planes(w)
+    if need_vw and gv.numel():
+        if M == 0:
+            gv.zero_(), gw.zero_()
+        else:
+            grid = lambda meta: (H, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+            _cauchy_bwd_vw_kernel[grid](g, vp, zp, wp, torch.view_as_real(gv), torch.view_as_real(gw),
+                                        H, N, M, R=R, BLOCK_R=_block_r(R), SYMMETRIC=symmetric)
+    if need_z and gz.numel():
+        # Split the rows so that enough programs run in parallel; each split writes its own
+        # partial row, summed below in a fixed order (deterministic, no atomics).
+        splits = max(1, min(H, 1 if interpreter_on() else 64))
+        rows = triton.cdiv(max(H, 1), splits)
+        splits = triton.cdiv(max(H, 1), rows)
+        part = torch.empty(splits, M, dtype=z.dtype, device=z.device)       # (S, M)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)  # noqa: E731
+        _cauchy_bwd_z_kernel[grid](g, vp, zp, wp, torch.view_as_real(part), H, N, M, rows,
+                                   R=R, BLOCK_R=_block_r(R), SYMMETRIC=symmetric)
+        torch.sum(part, dim=0, out=gz)                                       # (M,)
+    return (gv if need_vw else None), (gz if need_z else None), (gw if need_vw else None)
+
+
+class TritonCauchy(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels: v (R, H, N), z (M,), w (H, N) -> (R, H, M)."""
+
+    @staticmethod
+    def forward(ctx, v, z, w, symmetric):
+        ctx.save_for_backward(v, z, w)
+        ctx.symmetric = symmetric
+        return cauchy_fwd_triton(v, z, w, symmetric)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        v, z, w = ctx.saved_tensors
+        need_v, need_z, need_w = ctx.needs_input_grad[:3]
+        gv, gz, gw = cauchy_bwd_triton(grad, v, z, w, ctx.symmetric, need_v or need_w, need_z)
+        return (gv if need_v else None), gz, (gw if need_w else None), None

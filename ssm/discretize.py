@@ -1,0 +1,164 @@
+"""Discretization of `x' = A x + B u` with step dt (SPEC 2).
+
+- `discretize(A, B, dt, method)` for dense `A (..., N, N)`, `B (..., N)`: GBT family
+  `Ab = (I - alpha dt A)^-1 (I + (1-alpha) dt A)`, `Bb = (I - alpha dt A)^-1 dt B`
+  (forward Euler alpha=0, backward Euler alpha=1, bilinear alpha=1/2) and ZOH via one matrix
+  exponential of the block matrix `dt [[A, B], [0, 0]]` (valid for singular A).
+- `discretize_diag(A, B, dt, method)` for diagonal `A (..., N)` (real or complex), elementwise.
+- `legs_step(c, u, k, method)`: one step of the time-varying LegS system `x' = (A x + B u)/t`,
+  GBT with `dt/t_k = 1/k`; forward Euler uses the O(N) matvec, implicit steps a triangular solve.
+- `log_dt_init(H)`: `log dt ~ U[log dt_min, log dt_max]`, one per channel.
+
+`dt` is a float or a tensor whose shape broadcasts against the leading (batch) dims of A, e.g.
+`dt (3,)` with `A (N, N)` gives `Ab (3, N, N)`; `dt (H,)` with diagonal `A (H, N)` gives `(H, N)`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ssm.hippo import transition, transition_matvec
+
+METHODS = ("forward_euler", "backward_euler", "bilinear", "gbt", "zoh")
+_ALPHA = {"forward_euler": 0.0, "backward_euler": 1.0, "bilinear": 0.5}
+
+
+def _alpha(method: str, alpha) -> float | None:
+    """GBT alpha for `method` (None for ZOH), validating the pair."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "gbt":
+        if alpha is None:
+            raise ValueError("method='gbt' needs alpha (0 = forward Euler, 1/2 = bilinear, 1 = backward)")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+        return float(alpha)
+    if alpha is not None:
+        raise ValueError(f"alpha is only used by method='gbt', got alpha={alpha!r} with method={method!r}")
+    return _ALPHA.get(method)
+
+
+def _as_dt(dt, ref: torch.Tensor) -> torch.Tensor:
+    """dt as a real tensor on ref's device, checked positive."""
+    if isinstance(dt, torch.Tensor):
+        if dt.is_complex():
+            raise TypeError("dt must be real")
+        dt_t = dt.to(device=ref.device, dtype=dt.dtype if dt.is_floating_point() else ref.real.dtype)
+    elif isinstance(dt, (int, float)) and not isinstance(dt, bool):
+        dt_t = torch.tensor(float(dt), device=ref.device, dtype=ref.real.dtype)
+    else:
+        raise TypeError(f"dt must be a float or a real tensor, got {type(dt).__name__}")
+    if not bool((dt_t.detach() > 0).all()):
+        raise ValueError(f"dt must be > 0 everywhere, got min {float(dt_t.detach().min())}")
+    return dt_t
+
+
+def discretize(A: torch.Tensor, B: torch.Tensor, dt, method: str, *, alpha: float | None = None):
+    """Discretize dense `A (..., N, N)`, `B (..., N)` -> `(Ab (..., N, N), Bb (..., N))` (SPEC 2)."""
+    a = _alpha(method, alpha)
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A must have shape (..., N, N), got {tuple(A.shape)}")
+    N = A.shape[-1]
+    if B.dim() < 1 or B.shape[-1] != N:
+        raise ValueError(f"B must have shape (..., N) with N={N} matching A {tuple(A.shape)}, got {tuple(B.shape)}")
+    dt_t = _as_dt(dt, A)
+    try:
+        batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-1], dt_t.shape)
+    except RuntimeError as e:
+        raise ValueError(f"leading dims do not broadcast: A {tuple(A.shape)}, B {tuple(B.shape)}, "
+                         f"dt {tuple(dt_t.shape)}") from e
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), dt_t.dtype)
+    A = A.to(dtype).expand(*batch, N, N)  # (..., N, N)
+    B = B.to(dtype).expand(*batch, N)  # (..., N)
+    dtm = dt_t.to(dtype).expand(batch)[..., None, None]  # (..., 1, 1)
+    if a is None:  # ZOH
+        M = torch.zeros(*batch, N + 1, N + 1, dtype=dtype, device=A.device)  # (..., N+1, N+1)
+        M[..., :N, :N] = A * dtm
+        M[..., :N, N] = B * dtm[..., 0]
+        E = torch.linalg.matrix_exp(M)  # (..., N+1, N+1)
+        return E[..., :N, :N], E[..., :N, N]
+    eye = torch.eye(N, dtype=dtype, device=A.device)  # (N, N)
+    rhs_A = eye + (1.0 - a) * dtm * A  # (..., N, N)
+    rhs_B = dtm[..., 0] * B  # (..., N)
+    if a == 0.0:
+        return rhs_A, rhs_B
+    lhs = eye - a * dtm * A  # (..., N, N)
+    sol = torch.linalg.solve(lhs, torch.cat([rhs_A, rhs_B[..., None]], dim=-1))  # (..., N, N+1)
+    return sol[..., :N], sol[..., N]
+
+
+def discretize_diag(A: torch.Tensor, B: torch.Tensor, dt, method: str, *, alpha: float | None = None):
+    """Discretize diagonal `A (..., N)` (real or complex), `B (..., N)` elementwise (SPEC 2).
+
+    ZOH: `Ab = exp(dt A)`, `Bb = (Ab - 1)/A * B` (computed with expm1; `dt * B` where A == 0).
+    """
+    a = _alpha(method, alpha)
+    if A.dim() < 1:
+        raise ValueError(f"A must have shape (..., N), got {tuple(A.shape)}")
+    try:
+        torch.broadcast_shapes(A.shape, B.shape)
+    except RuntimeError as e:
+        raise ValueError(f"B {tuple(B.shape)} does not broadcast with A {tuple(A.shape)}") from e
+    dtr = _as_dt(dt, A)
+    try:
+        torch.broadcast_shapes(A.shape[:-1], dtr.shape)
+    except RuntimeError as e:
+        raise ValueError(f"dt {tuple(dtr.shape)} does not broadcast with the leading dims of A "
+                         f"{tuple(A.shape)}") from e
+    dtv = dtr[..., None]  # (..., 1)
+    dtA = dtv * A  # (..., N)
+    if a is None:
+        Ab = torch.exp(dtA)  # (..., N)
+        safe = torch.where(A == 0, torch.ones_like(A), A)
+        Bb = torch.where(A == 0, dtv * torch.ones_like(A), torch.expm1(dtA) / safe) * B  # (..., N)
+        return Ab, Bb
+    denom = 1.0 - a * dtA  # (..., N)
+    return (1.0 + (1.0 - a) * dtA) / denom, dtv * B / denom
+
+
+def legs_step(c: torch.Tensor, u: torch.Tensor, k: int, *, method: str = "bilinear",
+              alpha: float | None = None) -> torch.Tensor:
+    """One step `k -> k+1` of the time-varying LegS system `x' = (A x + B u)/t` (SPEC 2).
+
+    c (..., N) the state at t_k = k (k >= 1), u (...) the input; the step is the GBT formula with
+    `dt/t_k = 1/k`. Forward Euler is O(N) (`c + (A c + B u)/k` via the cumulative-sum matvec);
+    implicit steps solve the lower-triangular `(I - alpha A / k)`. ZOH is not offered here: a
+    time-varying step has no single exponential (use the dense `discretize` with dt = 1/k).
+    """
+    a = _alpha(method, alpha)
+    if a is None:
+        raise ValueError("legs_step supports the GBT methods, not 'zoh'")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1 (t_k = k), got {k!r}")
+    if c.dim() < 1:
+        raise ValueError(f"c must have shape (..., N), got {tuple(c.shape)}")
+    if u.shape != c.shape[:-1]:
+        raise ValueError(f"u must have shape {tuple(c.shape[:-1])} (c without its last dim), got {tuple(u.shape)}")
+    N = c.shape[-1]
+    h = 1.0 / k
+    A, Bv = _legs_matrices(N, c.device, c.dtype)  # (N, N) lower triangular, (N,)
+    explicit = c + (1.0 - a) * h * transition_matvec("legs", c) + h * Bv * u[..., None]  # (..., N)
+    if a == 0.0:
+        return explicit
+    lhs = torch.eye(N, dtype=c.dtype, device=c.device) - a * h * A  # (N, N)
+    sol = torch.linalg.solve_triangular(lhs, explicit.reshape(-1, N).T, upper=False)  # (N, prod(...))
+    return sol.T.reshape(c.shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _legs_matrices(N: int, device, dtype):
+    A, B = transition("legs", N)
+    return A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
+
+
+def log_dt_init(H: int, dt_min: float = 1e-3, dt_max: float = 1e-1, *, generator=None, device=None):
+    """`log dt (H,)` float32 with `log dt ~ U[log dt_min, log dt_max]` (SPEC 2)."""
+    if isinstance(H, bool) or not isinstance(H, int) or H < 1:
+        raise ValueError(f"H must be a positive int, got {H!r}")
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}")
+    r = torch.rand(H, generator=generator, dtype=torch.float32)  # (H,)
+    log_dt = r * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # (H,)
+    return log_dt.to(device) if device is not None else log_dt

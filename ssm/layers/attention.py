@@ -1,0 +1,260 @@
+"""Multi-head attention and the pre-norm Transformer block: the attention baseline (SPEC section 5).
+
+What lives here:
+- `alibi_slopes(n_heads)`: the ALiBi head slopes.
+- `MultiHeadAttention`: attention through `F.scaled_dot_product_attention` (causal or
+  bidirectional, key padding from `lengths`), an explicit-score path (needed by ReRoPE), positions
+  none / RoPE (any scaling from `rope.py`, both layouts, partial rotary, 2D axial) / ALiBi, log-n
+  logit scaling, and a KV cache so a causal layer follows the SSM layers' contract
+  `forward(x, state=None, lengths=None) -> (y, next_state)`, `default_state`, `step`.
+- `TransformerBlock`: residual block (pre-norm by default) of attention + GELU MLP.
+
+The KV cache stores keys *before* rotation together with their positions and a validity mask, so
+right-padded batches can keep decoding (each row continues at its own length) and variants whose
+frequencies depend on the current length ("dynamic", "longrope") can re-rotate. For those two
+types a step-by-step decode therefore sees different frequencies than one full forward pass (the
+same behaviour as `transformers`); every other variant decodes exactly like the full pass.
+Absolute (sinusoidal / learned) positions are added at the model input: see `positional.py`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssm.layers import rope as _rope
+
+POS_TYPES = ("none", "rope", "rope2d", "alibi")
+IMPLS = ("auto", "sdpa", "explicit")
+_NEEDS_TRAIN_LEN = ("dynamic", "yarn", "llama3", "longrope")
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi slopes (n_heads,): geometric `2^(-8 i / n)` for a power of two `n`; otherwise the
+    slopes of the next lower power of two followed by every other slope of the next higher one."""
+    if n_heads < 1:
+        raise ValueError(f"n_heads must be >= 1, got {n_heads}")
+
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    low = 2 ** int(math.floor(math.log2(n_heads)))
+    slopes = geometric(low) + geometric(2 * low)[0::2][: n_heads - low]
+    return torch.tensor(slopes, dtype=torch.float64)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention. x (B, L, H) -> (y (B, L, H), next_state).
+
+    `max_len` is the training length L_train: it is used by log-n scaling and fills
+    `original_max_position_embeddings` of a RoPE scaling dict that needs it and leaves it out.
+    `impl="auto"` uses SDPA unless the variant needs explicit scores (ReRoPE).
+    """
+
+    def __init__(self, d_model: int, *, n_heads: int = 8, dropout: float = 0.0, causal: bool = False,
+                 pos: str = "none", rope_scaling: dict | None = None, rope_base: float = 10000.0,
+                 rope_interleaved: bool = False, rotary_fraction: float = 1.0, grid_width: int | None = None,
+                 log_n_scaling: bool = False, max_len: int | None = None, impl: str = "auto",
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if d_model < 1 or n_heads < 1 or d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
+        if pos not in POS_TYPES:
+            raise ValueError(f"pos must be one of {POS_TYPES}, got {pos!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if log_n_scaling and (max_len is None or max_len < 2):
+            raise ValueError("log_n_scaling needs max_len (the training length) >= 2")
+        if rope_scaling is not None and pos not in ("rope", "rope2d"):
+            raise ValueError(f"rope_scaling needs pos='rope' or 'rope2d', got pos={pos!r}")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.causal, self.pos, self.dropout = causal, pos, dropout
+        self.rope_base, self.rope_interleaved, self.grid_width = rope_base, rope_interleaved, grid_width
+        self.log_n_scaling, self.max_len = log_n_scaling, max_len
+        self.rope_scaling = self._resolve_scaling(rope_scaling, max_len)
+        kind = None if self.rope_scaling is None else self.rope_scaling["type"]
+        self.rerope = kind in ("rerope", "leaky_rerope")
+        if self.rerope and (pos != "rope" or impl == "sdpa"):
+            raise ValueError(f"{kind} needs pos='rope' and the explicit-score path (impl='auto' or 'explicit')")
+        self.impl = "explicit" if impl == "explicit" or self.rerope else "sdpa"
+        self.rotary_dim = 0
+        if pos in ("rope", "rope2d"):
+            if not 0.0 < rotary_fraction <= 1.0:
+                raise ValueError(f"rotary_fraction must be in (0, 1], got {rotary_fraction}")
+            self.rotary_dim = int(self.head_dim * rotary_fraction)
+            multiple = 4 if pos == "rope2d" else 2
+            if self.rotary_dim < multiple or self.rotary_dim % multiple:
+                raise ValueError(f"rotary dim head_dim*rotary_fraction = {self.rotary_dim} must be a positive "
+                                 f"multiple of {multiple} for pos={pos!r}")
+        if pos == "rope2d" and (grid_width is None or grid_width < 1):
+            raise ValueError("pos='rope2d' needs grid_width (image width, row-major flattening) >= 1")
+        if pos == "rope2d" and self.rerope:
+            raise ValueError("ReRoPE is only defined for pos='rope'")
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias, device=device, dtype=dtype)
+        if pos == "alibi":
+            self.register_buffer("slopes", alibi_slopes(n_heads).to(device=device, dtype=torch.float32),
+                                 persistent=False)
+
+    @staticmethod
+    def _resolve_scaling(scaling: dict | None, max_len: int | None) -> dict | None:
+        if scaling is None:
+            return None
+        scaling = dict(scaling)
+        if scaling.get("type") in _NEEDS_TRAIN_LEN and "original_max_position_embeddings" not in scaling:
+            if max_len is None:
+                raise ValueError(f"rope_scaling {scaling.get('type')!r} needs original_max_position_embeddings "
+                                 "(or max_len = the training length)")
+            scaling["original_max_position_embeddings"] = max_len
+        return _rope.parse_scaling(scaling)
+
+    # ----- positions -----
+    def _inv_freq(self, seq_len: int) -> tuple[torch.Tensor, float]:
+        dim = self.rotary_dim // 2 if self.pos == "rope2d" else self.rotary_dim
+        return _rope.rope_frequencies(dim, base=self.rope_base, scaling=self.rope_scaling, seq_len=seq_len)
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
+        # x (B, nh, L, D), positions (B, L)
+        if self.pos == "rope2d":
+            ang = _rope.axial_angles(positions, inv_freq, self.grid_width)  # (B, L, R/2)
+        else:
+            ang = _rope.rope_angles(positions, inv_freq)  # (B, L, R/2)
+        cos, sin = (scale * ang.cos())[:, None], (scale * ang.sin())[:, None]  # (B, 1, L, R/2)
+        return _rope.apply_rotary(x, cos, sin, interleaved=self.rope_interleaved)
+
+    # ----- state -----
+    def default_state(self, batch_size: int, device=None) -> dict:
+        """Empty KV cache: raw (unrotated) keys and values (B, n_heads, 0, head_dim), their positions
+        and a validity mask (B, 0)."""
+        w = self.qkv.weight
+        device = w.device if device is None else device
+        kv = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=w.dtype)
+        return {"k": kv, "v": kv.clone(), "pos": torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+                "valid": torch.zeros(batch_size, 0, dtype=torch.bool, device=device)}
+
+    def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """One decoding step: x_t (B, H) -> (y_t (B, H), state)."""
+        if x_t.dim() != 2:
+            raise ValueError(f"x_t must be (B, H), got shape {tuple(x_t.shape)}")
+        y, state = self.forward(x_t[:, None], state=state)
+        return y[:, 0], state
+
+    # ----- forward -----
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be (B, L, {self.d_model}), got shape {tuple(x.shape)}")
+        if state is not None and not self.causal:
+            raise ValueError("state (KV cache) is only supported for causal attention")
+        b, length, _ = x.shape
+        dev = x.device
+        ar = torch.arange(length, device=dev)
+        new_valid = torch.ones(b, length, dtype=torch.bool, device=dev)
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=dev)
+            lo = 0 if state is not None else 1
+            if lengths.shape != (b,) or bool((lengths < lo).any()) or bool((lengths > length).any()):
+                raise ValueError(f"lengths must be shape ({b},) with values in [{lo}, {length}], got "
+                                 f"shape {tuple(lengths.shape)}")
+            new_valid = ar[None, :] < lengths[:, None]  # (B, L)
+        start = torch.zeros(b, dtype=torch.long, device=dev) if state is None else state["valid"].sum(1)
+        q_pos = start[:, None] + ar[None, :]  # (B, L)
+        q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, L, D)
+        k_pos, valid = q_pos, new_valid
+        if state is not None:
+            k, v = torch.cat([state["k"], k], dim=2), torch.cat([state["v"], v], dim=2)  # (B, nh, T, D)
+            k_pos = torch.cat([state["pos"], q_pos], dim=1)  # (B, T)
+            valid = torch.cat([state["valid"], new_valid], dim=1)  # (B, T)
+        next_state = {"k": k, "v": v, "pos": k_pos, "valid": valid} if self.causal else None
+        y = self._attend(q, k, v, q_pos, k_pos, valid, plain=state is None and lengths is None)  # (B, nh, L, D)
+        y = y.transpose(1, 2).reshape(b, length, self.d_model)  # (B, L, H)
+        return self.out_proj(y), next_state
+
+    def _attend(self, q, k, v, q_pos, k_pos, valid, *, plain: bool) -> torch.Tensor:
+        inv_freq, cs = None, 1.0
+        if self.rotary_dim:
+            seq_len = int(k_pos.max().item()) + 1 if k_pos.numel() else 1
+            inv_freq, cs = self._inv_freq(seq_len)
+            if not self.rerope:
+                q, k = self._rotate(q, q_pos, inv_freq, cs), self._rotate(k, k_pos, inv_freq, cs)
+        if self.log_n_scaling:
+            n = q_pos + 1 if self.causal else valid.sum(1, keepdim=True).expand_as(q_pos)  # (B, L)
+            q = q * _rope.log_n_scale(n, self.max_len).to(q.dtype)[:, None, :, None]
+        p_drop = self.dropout if self.training else 0.0
+        allowed = valid[:, None, None, :]  # (B, 1, 1, T)
+        if self.causal:
+            allowed = allowed & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])  # (B, 1, L, T)
+        bias = None
+        if self.pos == "alibi":
+            dist = (q_pos[:, None, :, None] - k_pos[:, None, None, :]).abs().to(q.dtype)  # (B, 1, L, T)
+            bias = -self.slopes.to(q.dtype)[None, :, None, None] * dist  # (B, nh, L, T)
+        if self.impl == "sdpa":
+            if plain and bias is None:
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=self.causal)
+            mask = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+        if self.rerope:
+            cfg = self.rope_scaling
+            leak = cfg["factor"] if cfg["type"] == "leaky_rerope" else None
+            scores = _rope.rerope_scores(q, k, q_pos[:, None], k_pos[:, None], inv_freq, window=cfg["window"],
+                                         leak=leak, interleaved=self.rope_interleaved, cos_scale=cs)
+            scores = scores.to(q.dtype) / math.sqrt(self.head_dim)  # (B, nh, L, T)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, nh, L, T)
+        if bias is not None:
+            scores = scores + bias
+        attn = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)  # (B, nh, L, T)
+        return F.dropout(attn, p=p_drop, training=self.training) @ v
+
+
+class TransformerBlock(nn.Module):
+    """Residual attention + GELU MLP block. x (B, L, H) -> (y (B, L, H), next_state).
+
+    Pre-norm (default): `x + attn(norm(x))`, then `x + mlp(norm(x))`; post-norm normalizes after
+    each residual sum. Keyword arguments after `causal` go to `MultiHeadAttention`.
+    """
+
+    def __init__(self, d_model: int, *, n_heads: int = 8, d_mlp: int | None = None, dropout: float = 0.0,
+                 prenorm: bool = True, causal: bool = False, pos: str = "none", rope_scaling: dict | None = None,
+                 rope_base: float = 10000.0, max_len: int | None = None, rope_interleaved: bool = False,
+                 rotary_fraction: float = 1.0, grid_width: int | None = None, log_n_scaling: bool = False,
+                 impl: str = "auto", device=None, dtype=None):
+        super().__init__()
+        d_mlp = 4 * d_model if d_mlp is None else d_mlp
+        if d_mlp < 1:
+            raise ValueError(f"d_mlp must be >= 1, got {d_mlp}")
+        self.prenorm = prenorm
+        self.attn = MultiHeadAttention(d_model, n_heads=n_heads, dropout=dropout, causal=causal, pos=pos,
+                                       rope_scaling=rope_scaling, rope_base=rope_base,
+                                       rope_interleaved=rope_interleaved, rotary_fraction=rotary_fraction,
+                                       grid_width=grid_width, log_n_scaling=log_n_scaling, max_len=max_len,
+                                       impl=impl, device=device, dtype=dtype)
+        self.norm1 = nn.LayerNorm(d_model, device=device, dtype=dtype)
+        self.norm2 = nn.LayerNorm(d_model, device=device, dtype=dtype)
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_mlp, device=device, dtype=dtype), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(d_mlp, d_model, device=device, dtype=dtype))
+        self.drop = nn.Dropout(dropout)
+
+    def default_state(self, batch_size: int, device=None) -> dict:
+        return self.attn.default_state(batch_size, device=device)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
+        if self.prenorm:
+            a, next_state = self.attn(self.norm1(x), state=state, lengths=lengths)
+            x = x + self.drop(a)
+            return x + self.drop(self.mlp(self.norm2(x))), next_state
+        a, next_state = self.attn(x, state=state, lengths=lengths)
+        x = self.norm1(x + self.drop(a))
+        return self.norm2(x + self.drop(self.mlp(x))), next_state
+
+    def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """One decoding step: x_t (B, H) -> (y_t (B, H), state)."""
+        if x_t.dim() != 2:
+            raise ValueError(f"x_t must be (B, H), got shape {tuple(x_t.shape)}")
+        y, state = self.forward(x_t[:, None], state=state)
+        return y[:, 0], state

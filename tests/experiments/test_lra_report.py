@@ -1,0 +1,46 @@
+"""LRA report: the markdown table puts measured test accuracies next to the published ones."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.lra import report
+
+
+def _result(folder, task, model, acc, preset="cpu-small", **extra):
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps(
+        {"task": task, "model": model, "preset": preset, "test_acc": acc, "majority_rate": 0.17,
+         "best_val_acc": acc, "steps": 10, "train_seconds": 90.0, "completed": True, **extra}))
+    return folder
+
+
+def test_table_rows_and_averages(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _result(runs / "a", "listops", "s4d", 0.4123)
+    _result(runs / "b", "listops", "transformer", 0.25)
+    for i, task in enumerate(("listops", "text", "retrieval", "image", "pathfinder", "pathx")):
+        _result(tmp_path / "paper" / task, task, "s4", 0.5 + 0.05 * i, preset="paper")
+    text = report.main([str(runs), *(str(p) for p in sorted((tmp_path / "paper").iterdir()))])
+    assert text == capsys.readouterr().out.rstrip("\n")
+    lines = text.splitlines()
+    assert lines[0] == "| model | ListOps | Text | Retrieval | Image | Pathfinder | Path-X | Avg |"
+    # Published rows from SPEC section 6, with the LRA average (Path-X failure counts as 50).
+    assert "| Transformer (LRA paper) (published) | 36.37 | 64.27 | 57.46 | 42.44 | 71.40 | fail | 53.66 |" in lines
+    assert "| S4 (updated, LegS) (published) | 59.60 | 86.82 | 90.90 | 88.65 | 94.20 | 96.35 | 86.09 |" in lines
+    assert "| S4D-LegS (published) | 60.47 | 86.18 | 89.46 | 88.19 | 93.06 | 91.95 | 84.89 |" in lines
+    assert "| S4D (cpu-small, this repo) | 41.23 | - | - | - | - | - | - |" in lines
+    assert "| Transformer (cpu-small, this repo) | 25.00 | - | - | - | - | - | - |" in lines
+    # All six tasks measured: the row gets its average (0.5 .. 0.75 -> 62.50).
+    assert "| S4 (paper, this repo) | 50.00 | 55.00 | 60.00 | 65.00 | 70.00 | 75.00 | 62.50 |" in lines
+    assert "| a | listops | s4d | cpu-small | 41.23 | 17.00 | 41.23 | 10 | 1.5 min | yes |" in lines
+
+
+def test_missing_and_bad_results(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no result.json"):
+        report.find_results([tmp_path])
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "result.json").write_text(json.dumps({"task": "listops"}))
+    with pytest.raises(ValueError, match="not an LRA result file"):
+        report.find_results([tmp_path / "x"])

@@ -1,0 +1,129 @@
+"""Pathfinder generator: label geometry from its own record, dash rules, rendering, determinism, CLI."""
+import math
+
+import numpy as np
+import pytest
+
+from experiments.lra import generate, pathfinder
+from experiments.lra.data import load_task
+
+
+def _points(snake, n=9):
+    t = np.linspace(0, 1, n)[:, None]
+    return np.concatenate([a + t * (b - a) for a, b in snake])  # (n_dashes * n, 2)
+
+
+def _check_geometry(cfg, geom, label):
+    assert geom.label == label
+    a, b = geom.snakes[0], geom.snakes[1]
+    assert a.shape == b.shape == (cfg.contour_length, 2, 2)
+    # The two target start tips are seed_distance apart.
+    assert math.isclose(np.linalg.norm(a[0, 0] - b[0, 0]), cfg.seed_distance, rel_tol=1e-9)
+    tips = {(s, e): geom.snakes[s][0, 0] if e == 0 else geom.snakes[s][-1, 1]
+            for s in range(len(geom.snakes)) for e in (0, 1)}
+    for marker, (s, e) in zip(geom.markers, geom.marker_ends):
+        assert np.allclose(marker, tips[(s, e)]), "marker is not on the snake tip it claims"
+    (s0, e0), (s1, e1) = geom.marker_ends
+    if label == 1:
+        assert s0 == s1 and {e0, e1} == {0, 1}, "label 1 must mark both ends of one snake"
+    else:
+        assert s0 != s1 and {s0, s1} == {0, 1}, "label 0 must mark two different target snakes"
+    # A marker touches only its own snake: every other snake keeps marker_radius + margin away.
+    for marker, (s, _) in zip(geom.markers, geom.marker_ends):
+        for j, snake in enumerate(geom.snakes):
+            if j != s:
+                dist = np.linalg.norm(_points(snake, 33) - marker, axis=-1).min()
+                assert dist >= cfg.marker_radius + cfg.margin - 0.5, f"snake {j} runs under a marker"
+    # Dash rules: length, gap to the previous dash = margin, turn within the continuity limit.
+    max_turn = math.pi / (2 * cfg.continuity)
+    for snake in geom.snakes:
+        lengths = np.linalg.norm(snake[:, 1] - snake[:, 0], axis=-1)
+        assert np.allclose(lengths, cfg.paddle_length)
+        gaps = np.linalg.norm(snake[1:, 0] - snake[:-1, 1], axis=-1)
+        assert np.allclose(gaps, cfg.margin)
+        d = snake[:, 1] - snake[:, 0]
+        cos = (d[1:] * d[:-1]).sum(-1) / (lengths[1:] * lengths[:-1])
+        assert (np.arccos(np.clip(cos, -1, 1)) <= max_turn + 1e-9).all()
+        assert ((snake >= 0) & (snake <= cfg.resolution)).all()
+    # Different snakes never touch: clearance at least margin + thickness/2, less one
+    # occupancy cell's half diagonal (the mask is a grid). So label 0 really is disconnected.
+    bound = cfg.margin + cfg.thickness / 2 - math.sqrt(2) / (2 * pathfinder.OCC_SCALE) - 1e-9
+    pts = [_points(s) for s in geom.snakes]
+    for i in range(len(pts)):
+        for j in range(i + 1, len(pts)):
+            dist = np.linalg.norm(pts[i][:, None] - pts[j][None], axis=-1).min()
+            assert dist >= bound, f"snakes {i} and {j} are {dist:.3f} px apart"
+
+
+@pytest.mark.parametrize("resolution,contour_length,n", [(32, 14, 12), (32, 6, 4), (64, 9, 2), (128, 14, 2)])
+def test_label_geometry_by_construction(resolution, contour_length, n):
+    cfg = pathfinder.preset(resolution, contour_length)
+    for i in range(n):
+        for label in (0, 1):
+            pixels, got, geom = pathfinder.generate_sample(cfg, pathfinder.image_rng(i, label), label=label)
+            assert got == label
+            _check_geometry(cfg, geom, label)
+            assert pixels.shape == (resolution, resolution) and pixels.dtype == np.uint8
+            # Markers are drawn: the pixel under each marker centre is bright.
+            for x, y in geom.markers:
+                assert pixels[int(y), int(x)] >= 200
+            if contour_length == 14:
+                assert len(geom.snakes) > 2  # distractors present
+
+
+def test_images_look_like_pathfinder():
+    cfg = pathfinder.preset(32, 14)
+    pixels, _, geom = pathfinder.generate_sample(cfg, pathfinder.image_rng(0, 0))
+    lit = pixels > 64
+    # Thin dashed lines on black: a minority of pixels lit, gaps between dashes.
+    assert 0.05 < lit.mean() < 0.5
+    assert pixels.min() == 0 and pixels.max() == 255
+    n_dashes = sum(len(s) for s in geom.snakes)
+    assert n_dashes >= 2 * cfg.contour_length
+
+
+def test_labels_are_balanced_when_drawn():
+    cfg = pathfinder.preset(32, 6)
+    labels = [pathfinder.generate_sample(cfg, pathfinder.image_rng(1, i))[1] for i in range(40)]
+    assert 10 <= sum(labels) <= 30
+
+
+def test_same_seed_same_image():
+    cfg = pathfinder.preset(32, 9)
+    a = pathfinder.generate_sample(cfg, pathfinder.image_rng(4, 17))[0]
+    b = pathfinder.generate_sample(cfg, pathfinder.image_rng(4, 17))[0]
+    c = pathfinder.generate_sample(cfg, pathfinder.image_rng(5, 17))[0]
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_bad_preset_arguments():
+    with pytest.raises(ValueError, match="resolution"):
+        pathfinder.preset(48)
+    with pytest.raises(ValueError, match="contour_length"):
+        pathfinder.preset(32, 7)
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_deterministic_across_workers_and_readable(tmp_path):
+    common = ["pathfinder", "--resolution", "32", "--contour-length", "6", "--n", "30", "--seed", "3",
+              "--per-folder", "16"]
+    assert generate.main(common + ["--out", str(tmp_path / "a"), "--workers", "1",
+                                   "--sample-sheet", str(tmp_path / "sheet.png")]) == 0
+    assert generate.main(common + ["--out", str(tmp_path / "b"), "--workers", "2"]) == 0
+    a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert a == b
+    assert "pathfinder32/curv_baseline/imgs/1/sample_13.png" in a
+    assert "pathfinder32/curv_baseline/metadata/0.npy" in a
+    assert (tmp_path / "sheet.png").stat().st_size > 0
+    ds = load_task("pathfinder", tmp_path / "a", contour_length=6)
+    assert [len(ds[s]) for s in ("train", "val", "test")] == [24, 3, 3]
+    # Labels read back are the generator's labels for those images.
+    cfg = pathfinder.preset(32, 6)
+    for split in ("train", "test"):
+        for path, label in zip(ds[split].paths[:3], ds[split].labels[:3]):
+            b_idx, k = int(path.parent.name), int(path.stem.split("_")[1])
+            _, expected, _ = pathfinder.generate_sample(cfg, pathfinder.image_rng(3, b_idx * 16 + k))
+            assert label == expected

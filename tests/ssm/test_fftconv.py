@@ -1,0 +1,93 @@
+"""FFT convolution and the closed-form state algebra (SPEC 3) against direct float64 loops."""
+import pytest
+import torch
+
+from ssm.fftconv import (dense_next_state, dense_state_response, diag_next_state,
+                         diag_state_response, fftconv, roll_left_padded)
+from tests.utils import assert_close
+
+
+def _direct_conv(u, k, k_rev=None):
+    L = u.shape[-1]
+    y = torch.zeros_like(u)
+    for l in range(L):
+        for m in range(min(l + 1, k.shape[-1])):
+            y[..., l] += k[..., m] * u[..., l - m]
+        if k_rev is not None:
+            for m in range(L - 1 - l):
+                y[..., l] += k_rev[..., m] * u[..., l + 1 + m]
+    return y
+
+
+@pytest.mark.parametrize("L", [1, 17, 64])
+def test_causal_and_bidirectional_match_direct(L):
+    u = torch.randn(2, 3, L, dtype=torch.float64)
+    k, k_rev = torch.randn(3, L, dtype=torch.float64), torch.randn(3, L, dtype=torch.float64)
+    atol = 3e-7 * L  # fftconv runs in float32 on purpose: rounding grows with the sum length
+    assert_close(fftconv(u, k), _direct_conv(u, k), dtype=torch.float32, atol=atol, name="causal")
+    assert_close(fftconv(u, k, k_rev), _direct_conv(u, k, k_rev), dtype=torch.float32, atol=atol,
+                 name="bidirectional")
+    short = k[..., : max(1, L // 3)]
+    assert_close(fftconv(u, short), _direct_conv(u, short), dtype=torch.float32, atol=atol, name="short filter")
+
+
+def test_fftconv_float32_under_autocast_and_bad_length():
+    u, k = torch.randn(1, 2, 32), torch.randn(2, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fftconv(u.bfloat16(), k)
+    assert y.dtype == torch.float32
+    with pytest.raises(ValueError, match="filter length"):
+        fftconv(u, torch.randn(2, 33))
+
+
+def _diag_system(H=3, N2=4):
+    log_z = torch.complex(-torch.rand(H, N2, dtype=torch.float64) * 0.3 - 0.01,
+                          torch.randn(H, N2, dtype=torch.float64))
+    return log_z, torch.randn(H, N2, dtype=torch.complex128), torch.randn(2, H, N2, dtype=torch.complex128)
+
+
+def test_roll_left_padded():
+    u = torch.tensor([[1.0, 2.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    out = roll_left_padded(u, torch.tensor([2, 4]))
+    assert torch.equal(out, torch.tensor([[0.0, 0.0, 1.0, 2.0], [1.0, 2.0, 3.0, 4.0]]))
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_diag_state_algebra_matches_recurrence(with_lengths):
+    log_z, Bb, C = _diag_system()
+    Bsz, L = 2, 37
+    u = torch.randn(Bsz, 3, L, dtype=torch.float64)
+    lengths = torch.tensor([37, 20]) if with_lengths else None
+    if with_lengths:
+        u[1, :, 20:] = 0
+    s0 = torch.randn(Bsz, 3, 4, dtype=torch.complex128)
+    z, x, ys, finals = log_z.exp(), s0.clone(), [], []
+    for k in range(L):
+        x = z * x + Bb * u[..., k, None]
+        ys.append(2 * torch.einsum("chn,bhn->bch", C, (z ** (k + 1)) * s0).real)
+        finals.append(x.clone())
+    want_state = torch.stack([finals[(int(lengths[b]) if with_lengths else L) - 1][b] for b in range(Bsz)])
+    assert_close(diag_next_state(u, log_z, Bb, s0, lengths, chunk=8), want_state, name="next state")
+    assert_close(diag_state_response(C, log_z, s0, L, backend="torch"), torch.stack(ys, -1), name="zero-input")
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_dense_state_algebra_matches_recurrence(with_lengths):
+    H, N, Bsz, L = 2, 5, 2, 23
+    Ab = torch.randn(H, N, N, dtype=torch.complex128) * 0.3
+    Bb = torch.randn(H, N, dtype=torch.complex128)
+    C = torch.randn(3, H, N, dtype=torch.complex128)
+    u = torch.randn(Bsz, H, L, dtype=torch.float64)
+    lengths = torch.tensor([9, 23]) if with_lengths else None
+    if with_lengths:
+        u[0, :, 9:] = 0
+    s0 = torch.randn(Bsz, H, N, dtype=torch.complex128)
+    x, zs, ys, finals = s0.clone(), s0.clone(), [], []
+    for k in range(L):
+        x = torch.einsum("hnm,bhm->bhn", Ab, x) + Bb * u[..., k, None]
+        zs = torch.einsum("hnm,bhm->bhn", Ab, zs)
+        ys.append(torch.einsum("chn,bhn->bch", C, zs).real)
+        finals.append(x.clone())
+    want_state = torch.stack([finals[(int(lengths[b]) if with_lengths else L) - 1][b] for b in range(Bsz)])
+    assert_close(dense_next_state(u, Ab, Bb, s0, lengths, chunk=4), want_state, name="next state")
+    assert_close(dense_state_response(C, Ab, s0, L, chunk=6), torch.stack(ys, -1), name="zero-input")

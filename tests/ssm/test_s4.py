@@ -1,0 +1,211 @@
+"""The S4 / S4D layer: conv == step, chunked state passing, DPLR(P=0) == diag, rates, autocast, errors."""
+import math
+
+import pytest
+import torch
+
+from ssm import filters
+from ssm.layers.block import S4Block
+from ssm.layers.params import param_groups
+from ssm.layers.s4 import S4
+from tests.utils import assert_close
+
+CONFIGS = [
+    dict(mode="diag"),
+    dict(mode="diag", discretization="bilinear", init="lin"),
+    dict(mode="diag", init="inv", channels=2),
+    dict(mode="dplr"),
+    dict(mode="dplr", rank=2, channels=2),
+]
+
+
+def _layer(cfg, H=4, N=8, **kw):
+    # dt up to 0.5 so the filters decay visibly within a few dozen steps
+    return S4(H, N, dt_min=0.01, dt_max=0.5, backend="torch", **cfg, **kw).eval()
+
+
+def _run_steps(m, x, state):
+    ys = []
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            y, state = m.step(x[:, t], state)
+            ys.append(y)
+    return torch.stack(ys, 1), state
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_conv_equals_step_and_chunks_equal_whole(cfg):
+    m = _layer(cfg)
+    x = torch.randn(2, 33, 4)
+    with torch.no_grad():
+        y, none = m(x)
+        assert none is None
+        s0 = 0.3 * torch.randn_like(m.default_state(2))
+        y_state, s_whole = m(x, s0)
+        y1, s1 = m(x[:, :10], s0)
+        y2, s2 = m(x[:, 10:], s1)
+    y_step, s_step = _run_steps(m, x, m.default_state(2))
+    assert_close(y_step, y, rtol=1e-5, atol=1e-5, name="step vs conv")
+    y_step, s_step = _run_steps(m, x, s0)
+    assert_close(y_step, y_state, rtol=1e-5, atol=1e-5, name="step vs conv from a state")
+    assert_close(s_step, s_whole, rtol=1e-5, atol=1e-5, name="final state")
+    assert_close(torch.cat([y1, y2], 1), y_state, rtol=1e-5, atol=1e-5, name="chunked output")
+    assert_close(s2, s_whole, rtol=1e-5, atol=1e-5, name="chunked state")
+
+
+@pytest.mark.parametrize("mode", ["diag", "dplr"])
+def test_lengths_padding_does_not_leak_and_state_stops_at_last_real(mode):
+    m = _layer(dict(mode=mode))
+    x = torch.randn(2, 20, 4)
+    lengths = torch.tensor([20, 13])
+    s0 = 0.3 * torch.randn_like(m.default_state(2))
+    with torch.no_grad():
+        y_pad, s_pad = m(x, s0, lengths)
+        y_short, s_short = m(x[1:, :13], s0[1:])
+    assert_close(y_pad[1:, :13], y_short, rtol=1e-5, atol=1e-5, name="real positions")
+    assert_close(s_pad[1:], s_short, rtol=1e-5, atol=1e-5, name="state after the last real step")
+    bi = _layer(dict(mode=mode, bidirectional=True))
+    garbage = x.clone()
+    garbage[1, 13:] = 100 * torch.randn(7, 4)
+    with torch.no_grad():
+        a, _ = bi(x, lengths=lengths)
+        b, _ = bi(garbage, lengths=lengths)
+        c, _ = bi(x[1:, :13])
+    assert_close(b[:, :13][1:], c, rtol=1e-5, atol=1e-5, name="bidirectional, padding masked")
+    assert_close(a[0], b[0], name="full row untouched")
+
+
+@pytest.mark.parametrize("mode", ["diag", "dplr"])
+def test_bidirectional_is_a_two_sided_filter(mode):
+    m = _layer(dict(mode=mode, bidirectional=True, channels=1))
+    L = 24
+    x = torch.randn(1, L, 4, dtype=torch.float32)
+    K = m.filter(L).double()                                          # (2, H, L)
+    u = x[0].T.double()                                               # (H, L)
+    y = torch.zeros_like(u)
+    for l in range(L):
+        for j in range(L):
+            y[:, l] += (K[0, :, l - j] if j <= l else K[1, :, j - l - 1]) * u[:, j]
+    y = y + m.D[0].double()[:, None] * u
+    with torch.no_grad():
+        want = m._output(y.T.float().unsqueeze(0))
+        got, _ = m(x)
+    assert_close(got, want, rtol=1e-5, atol=1e-5, name="bidirectional conv")
+    with pytest.raises(ValueError, match="bidirectional"):
+        m.step(x[:, 0], m.default_state(1))
+    with pytest.raises(ValueError, match="bidirectional"):
+        m(x, m.default_state(1))
+
+
+def test_dplr_with_zero_low_rank_equals_diag_layer():
+    L = 32
+    d = _layer(dict(mode="diag", discretization="bilinear"))
+    s = _layer(dict(mode="dplr"), l_max=L)
+    with torch.no_grad():
+        for name in ("log_neg_real", "imag", "B", "log_dt", "D"):
+            getattr(s, name).copy_(getattr(d, name))
+        s.out.load_state_dict(d.out.state_dict())
+        s.P.zero_()
+        Lam, B, C, _, dt = d._params()
+        log_z, _ = filters.diag_discretize(Lam, B, dt, "bilinear")
+        s.C.copy_(torch.view_as_real(C * (1 - torch.exp(log_z * L))))
+        x = torch.randn(2, L, 4)
+        assert_close(s(x)[0], d(x)[0], rtol=1e-5, atol=1e-5, name="S4(P=0) vs S4D bilinear")
+
+
+@pytest.mark.parametrize("mode", ["diag", "dplr"])
+def test_filter_any_length_and_rate(mode):
+    m = _layer(dict(mode=mode), l_max=20)
+    with torch.no_grad():
+        K20 = m.filter(20)
+        # K_l = C Ab^l Bb does not depend on L: a longer filter extends the shorter one
+        assert_close(m.filter(45)[..., :20], K20, rtol=1e-4, atol=1e-5, name="longer filter")
+        Lam, B, C, P, dt = (None if t is None else t.cdouble() if t.is_complex() else t.double()
+                            for t in m._params())
+    if mode == "diag":
+        log_z, Bb = filters.diag_discretize(Lam, B, 2 * dt, "zoh")
+        want = filters.diag_filter(C, log_z, Bb, 30, backend="torch")
+    else:
+        Cf = filters.ct_to_c(filters.full_c(C), filters.dplr_dense(Lam, P, B, dt)[0], 20)
+        Ab, Bb = filters.dplr_dense(Lam, P, B, 2 * dt)
+        x, rows = Bb, []
+        for _ in range(30):
+            rows.append(torch.einsum("chn,hn->ch", Cf, x).real)
+            x = torch.einsum("hnm,hm->hn", Ab, x)
+        want = torch.stack(rows, -1)
+    with torch.no_grad():
+        assert_close(m.filter(30, rate=2.0), want, rtol=1e-4, atol=1e-5, name="rate 2")
+
+
+@pytest.mark.parametrize("mode", ["diag", "dplr"])
+def test_gradients_finite_and_reach_every_parameter(mode):
+    m = S4(8, 16, mode=mode, channels=2, backend="torch")
+    x = torch.randn(2, 64, 8, requires_grad=True)
+    y, _ = m(x)
+    y.square().mean().backward()
+    for name, p in list(m.named_parameters()) + [("x", x)]:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0 or name == "P", name
+
+
+@pytest.mark.parametrize("mode", ["diag", "dplr"])
+def test_bf16_autocast_training_step_keeps_ssm_params_float32(mode):
+    blk = S4Block(8, d_state=8, mode=mode, d_ff=16, norm="batch", backend="torch")
+    opt = torch.optim.AdamW(param_groups(blk, 1e-3, 0.05))
+    x = torch.randn(2, 40, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = blk(x)
+        loss = y.float().square().mean()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in blk.parameters() if p.grad is not None)
+    opt.step()
+    for name in ("log_neg_real", "imag", "B", "C", "log_dt", "D"):
+        assert getattr(blk.layer, name).dtype == torch.float32, name
+    assert torch.isfinite(loss)
+
+
+def test_param_groups_ssm_params_get_ssm_lr_and_no_decay():
+    m = S4Block(8, d_state=8, mode="dplr", ssm_lr=2e-3, backend="torch")
+    groups = param_groups(m, 1e-2, 0.1)
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in m.parameters())
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    for name in ("log_neg_real", "imag", "B", "P", "log_dt"):
+        g = by_id[id(getattr(m.layer, name))]
+        assert g["lr"] == 2e-3 and g["weight_decay"] == 0.0, name
+    assert by_id[id(m.layer.out.weight)]["weight_decay"] == 0.1
+    assert by_id[id(m.layer.out.bias)]["weight_decay"] == 0.0
+    assert by_id[id(m.layer.C)]["lr"] == 1e-2
+
+
+def test_bad_input_raises_value_error_naming_the_shape():
+    m = S4(4, 8, backend="torch")
+    with pytest.raises(ValueError, match=r"\(B, L, 4\)"):
+        m(torch.randn(2, 10, 5))
+    with pytest.raises(ValueError, match=r"\(B, L, 4\)"):
+        m(torch.randn(10, 4))
+    with pytest.raises(ValueError, match=r"\(B, 4\)"):
+        m.step(torch.randn(2, 3), m.default_state(2))
+    with pytest.raises(ValueError, match="state must"):
+        m(torch.randn(2, 10, 4), torch.zeros(2, 4, 3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="lengths"):
+        m(torch.randn(2, 10, 4), lengths=torch.tensor([3, 11]))
+    with pytest.raises(ValueError, match="d_state"):
+        S4(4, 7, mode="diag")
+    with pytest.raises(ValueError, match="mode"):
+        S4(4, 8, mode="dense")
+    with pytest.raises(ValueError, match="init"):
+        S4(4, 8, init="fourier")
+    with pytest.raises(ValueError, match="init"):
+        S4(4, 8, mode="dplr", init="lin")
+    with pytest.raises(ValueError, match="discretization"):
+        S4(4, 8, mode="dplr", discretization="zoh")
+    with pytest.raises(ValueError, match="activation"):
+        S4(4, 8, activation="swish")
+
+
+def test_dt_init_range():
+    m = S4(64, 8, dt_min=1e-3, dt_max=1e-1)
+    dt = m.log_dt.exp()
+    assert dt.min() >= 1e-3 * (1 - 1e-6) and dt.max() <= 1e-1 * (1 + 1e-6)
+    assert math.isclose(float(-m.log_neg_real.detach().exp().mean()), -0.5, rel_tol=1e-6)  # LegS: Re = -1/2
