@@ -49,6 +49,34 @@ def _laguerre(x: torch.Tensor, N: int) -> torch.Tensor:
     return torch.stack(p[:N], dim=-1)  # (..., N)
 
 
+def _scan_lti(f: torch.Tensor, Ab: torch.Tensor, Bb: torch.Tensor, *, chunk: int) -> torch.Tensor:
+    """All states of `c_k = Ab c_{k-1} + Bb u_k` (c_0 = 0): f (B, L) -> (B, L, N).
+
+    Per chunk of T steps: `c_{k0+i} = Ab^{i+1} c_{k0-1} + sum_{j<=i} Ab^{i-j} Bb u_{k0+j}`, i.e. one
+    product with the stacked powers and one causal (Toeplitz) contraction, instead of T matmuls.
+    """
+    Bsz, L = f.shape
+    N = Ab.shape[-1]
+    T = min(chunk, L)
+    pows = [torch.eye(N, dtype=Ab.dtype, device=Ab.device)]
+    for _ in range(T):
+        pows.append(Ab @ pows[-1])
+    P = torch.stack(pows[1:])  # (T, N, N): Ab^1 .. Ab^T
+    K = torch.stack([Bb] + [p @ Bb for p in pows[1:T]])  # (T, N): Ab^j Bb, j = 0..T-1
+    i = torch.arange(T, device=f.device)
+    lag = i[:, None] - i[None, :]  # (T, T)
+    M = torch.where((lag >= 0)[..., None], K[lag.clamp(min=0)], K.new_zeros(()))  # (T, T, N)
+    c = f.new_zeros(Bsz, N)  # (B, N)
+    out = []
+    for k0 in range(0, L, T):
+        u = f[:, k0:k0 + T]  # (B, t)
+        t = u.shape[1]
+        block = torch.einsum("bn,imn->bim", c, P[:t]) + torch.einsum("bj,ijn->bin", u, M[:t, :t])  # (B, t, N)
+        out.append(block)
+        c = block[:, -1]
+    return torch.cat(out, dim=1)  # (B, L, N)
+
+
 def basis(measure: str, N: int, s: torch.Tensor, *, theta: float = 1.0, beta: float = 1.0) -> torch.Tensor:
     """Reconstruction functions at age `s (...)` -> `(..., N)`; the signal is `basis @ c`.
 
@@ -85,11 +113,17 @@ class HiPPOApprox(nn.Module):
     method: any of `ssm.discretize.METHODS` ("gbt" takes `alpha`).
     dt: step of the time-invariant systems; None means `1/L` for a signal of length L.
     theta: memory horizon in time units (see the module docstring); beta: LagT input scale.
+    alpha: GBT parameter for method="gbt". chunk: steps per block of the scan (see `_scan_lti`).
+
+    Cost: time-invariant measures run a chunked scan (a few batched matmuls per `chunk` steps);
+    LegS is a loop of one small matmul per step (step matrices built per chunk by one batched
+    solve), about 1 s for L = 10,000 on one CPU thread. Tiny ops do not profit from threads:
+    on CPU `torch.set_num_threads(1)` is faster for the LegS loop.
     """
 
     def __init__(self, measure: str, N: int, *, method: str = "bilinear", dt: float | None = None,
                  theta: float = 1.0, beta: float = 1.0, alpha: float | None = None,
-                 device=None, dtype=None):
+                 chunk: int = 64, device=None, dtype=None):
         super().__init__()
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
@@ -101,6 +135,9 @@ class HiPPOApprox(nn.Module):
             raise ValueError(f"theta must be > 0, got {theta!r}")
         self.measure, self.N, self.method, self.alpha = measure, N, method, alpha
         self.dt, self.theta, self.beta = dt, float(theta), float(beta)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+        self.chunk = chunk
         A, B = transition(measure, N, theta=theta if measure == "legt" else 1.0, beta=beta)
         if measure == "fout":
             A, B = A * (2.0 / theta), B * (2.0 / theta)
@@ -139,32 +176,28 @@ class HiPPOApprox(nn.Module):
         if self.measure == "legs":
             return self._legs(f)
         Ab, Bb = self.discrete(self.step_size(f.shape[1]))
-        AbT = Ab.T.contiguous()  # (N, N)
-        c = f.new_zeros(f.shape[0], self.N)  # (B, N)
-        out = []
-        for k in range(f.shape[1]):
-            c = torch.addmm(f[:, k, None] * Bb, c, AbT)  # (B, N)
-            out.append(c)
-        return torch.stack(out, dim=1)  # (B, L, N)
+        return _scan_lti(f, Ab, Bb, chunk=self.chunk)
 
     def _legs(self, f: torch.Tensor) -> torch.Tensor:
         Bsz, L = f.shape
         c = f.new_zeros(Bsz, self.N)  # (B, N)
         c[:, 0] = f[:, 0]
         out = [c]
-        if self.method != "zoh":
+        if self.method == "forward_euler":  # O(N) per step, no matrices at all
             for k in range(2, L + 1):
-                c = legs_step(c, f[:, k - 1], k - 1, method=self.method, alpha=self.alpha)  # (B, N)
+                c = legs_step(c, f[:, k - 1], k - 1, method=self.method)  # (B, N)
                 out.append(c)
             return torch.stack(out, dim=1)  # (B, L, N)
+        # Implicit GBT / ZOH: the step matrices of a chunk of steps come from one batched solve
+        # (or matrix exponential), then each step is one small matmul.
         A, B = transition("legs", self.N)
-        chunk = 256
-        for k0 in range(2, L + 1, chunk):
-            ks = torch.arange(k0, min(k0 + chunk, L + 1), dtype=_F64)  # (T,)
-            Ab, Bb = discretize(A, B, torch.log(ks / (ks - 1)), "zoh")  # (T, N, N), (T, N)
-            Ab, Bb = Ab.to(f), Bb.to(f)
-            for j, k in enumerate(ks.long().tolist()):
-                c = c @ Ab[j].T + f[:, k - 1, None] * Bb[j]  # (B, N)
+        for k0 in range(2, L + 1, self.chunk):
+            ks = torch.arange(k0, min(k0 + self.chunk, L + 1), dtype=_F64)  # (T,)
+            h = torch.log(ks / (ks - 1)) if self.method == "zoh" else 1.0 / (ks - 1)  # (T,)
+            Ab, Bb = discretize(A, B, h, self.method, alpha=self.alpha)  # (T, N, N), (T, N)
+            AbT, Bb = Ab.transpose(-1, -2).to(f), Bb.to(f)
+            for j, k in enumerate(range(k0, k0 + ks.numel())):
+                c = torch.addmm(f[:, k - 1, None] * Bb[j], c, AbT[j])  # (B, N)
                 out.append(c)
         return torch.stack(out, dim=1)  # (B, L, N)
 

@@ -6,6 +6,7 @@ check makes the row FAILED and it is never timed. See BENCHMARKS.md for the comm
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -19,7 +20,7 @@ PRESETS = {  # (ops: H, N, L; layers: B, H, N, L)
                 layer_B=[1], layer_H=[256], layer_N=[64], layer_L=[K, 2 * K, 4 * K, 8 * K, 16 * K]),
     "cuda": dict(H=[256, 1024], N=[16, 64, 256], L=[K << i for i in range(7)],
                  layer_B=[16], layer_H=[1024], layer_N=[64], layer_L=[K << i for i in range(7)]),
-    "smoke": dict(H=[3], N=[8], L=[33, 128], layer_B=[1], layer_H=[64], layer_N=[8], layer_L=[128]),
+    "smoke": dict(H=[3], N=[8], L=[33, 128], layer_B=[1], layer_H=[16], layer_N=[4], layer_L=[64]),
 }
 
 
@@ -53,11 +54,13 @@ def parse_args(argv):
     p.add_argument("--layer-N", type=int, nargs="+", help="S4/S4D state sizes")
     p.add_argument("--layer-L", type=int, nargs="+", help="layer lengths")
     p.add_argument("--isolate", choices=("auto", "always", "never"), default="auto",
-                   help="fresh process per case (CPU peak RSS): auto = layers on CPU only")
+                   help="fresh process per case (CPU peak RSS): auto = layers on CPU only "
+                        "(in --smoke only the first layer case, to keep it under a minute)")
     p.add_argument("--mem-cap-gib", type=float, default=None,
                    help="skip plain/compile cases that would materialize more (default 6 CPU, half the GPU)")
-    p.add_argument("--max-call-s", type=float, default=60.0,
-                   help="after a call slower than this, skip larger L for that provider/layer")
+    p.add_argument("--max-call-s", type=float, default=10.0,
+                   help="skip a case when the calls at smaller L of the same series predict a call slower "
+                        "than this (power law fitted to the last two L, exponent clamped to [1, 2])")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per isolated case")
     p.add_argument("--peak-flops", type=float, default=None, help="override the device's FP32 FLOP/s peak")
     p.add_argument("--peak-bw", type=float, default=None, help="override the device's memory bytes/s peak")
@@ -70,6 +73,18 @@ def parse_args(argv):
     args.op = list(OPS) if args.op_all else (args.op or [])
     args.layer = list(LAYERS) if args.layer_all else (args.layer or [])
     return args
+
+
+def _predict_too_slow(points: list, L: int, max_call_s: float) -> str | None:
+    """Reason to skip length L when the series' last timings extrapolate past `max_call_s`."""
+    if not points:
+        return None
+    (L1, t1), (L2, t2) = (points[-2] if len(points) > 1 else (points[-1][0] / 2, points[-1][1] / 2)), points[-1]
+    slope = math.log(max(t2, 1e-12) / max(t1, 1e-12)) / math.log(L2 / L1) if L2 != L1 else 1.0
+    predicted = t2 * (L / L2) ** min(2.0, max(1.0, slope))
+    if predicted > max_call_s:
+        return f"predicted ~{predicted:.0f} s per call from L={L2} (over --max-call-s {max_call_s:g})"
+    return None
 
 
 def main(argv=None) -> int:
@@ -127,29 +142,32 @@ def main(argv=None) -> int:
                         for L in sorted(shapes["layer_L"]):
                             cases.append(dict(kind="layer", layer=layer, B=B, H=H, N=N, L=L, mode=mode))
     common = dict(device=device, repeats=repeats, budget_s=budget, allow_interpreter=args.smoke,
-                  mem_cap_bytes=mem_cap, peaks=peaks)
+                  mem_cap_bytes=mem_cap, peaks=peaks, compile_backend="aot_eager" if args.smoke else "inductor")
     try:
         from tqdm import tqdm
         bar = tqdm(total=len(cases), file=sys.stderr, dynamic_ncols=True)
     except ImportError:
         bar = None
-    results, too_slow = [], {}
+    results, too_slow, history = [], {}, {}
+    first_layer = next((c for c in cases if c["kind"] == "layer"), None)
     for case in cases:
         case.update(common)
         name = case["op"] if case["kind"] == "op" else case["layer"]
         series = (case["kind"], name, case.get("provider"), case["mode"], case["H"], case["N"], case.get("B"))
-        isolate = args.isolate == "always" or (args.isolate == "auto" and device == "cpu" and case["kind"] == "layer")
-        if series in too_slow:
+        isolate = args.isolate == "always" or (args.isolate == "auto" and device == "cpu" and case["kind"] == "layer"
+                                               and (not args.smoke or case is first_layer))
+        why = _predict_too_slow(history.get(series, []), case["L"], args.max_call_s)
+        if series in too_slow or why:
             base = {k: case[k] for k in ("kind", "mode", "H", "N", "L") if k in case}
             extra = {k: case[k] for k in ("op", "provider", "layer", "B") if k in case}
-            res = {**base, **extra, "status": "SKIPPED", "reason": too_slow[series]}
+            res = {**base, **extra, "status": "SKIPPED", "reason": too_slow.get(series, why)}
         elif isolate:
             res = run_isolated(case, timeout_s=args.timeout)
             res = {**{k: case[k] for k in ("kind", "op", "provider", "layer", "B", "H", "N", "L", "mode") if k in case}, **res}
         else:
             res = run_op_case(case) if case["kind"] == "op" else run_layer_case(case)
-        if res.get("status") == "OK" and res["max_s"] > args.max_call_s:
-            too_slow[series] = f"L={case['L']} already took {res['max_s']:.0f} s per call"
+        if res.get("status") == "OK":
+            history.setdefault(series, []).append((case["L"], res["median_s"]))
         elif res.get("status") in ("TIMEOUT", "OOM"):
             too_slow[series] = f"L={case['L']}: {res['status']}"
         results.append(res)

@@ -1,13 +1,17 @@
 """One benchmark case in a fresh process: `python -m experiments.bench.child '<case json>'`.
 
 Prints one JSON line: the case's result plus `mem_bytes`, the growth of peak RSS (ru_maxrss) over
-the baseline taken after the imports the case needs; on CUDA the in-process CUDA peak is kept.
+a baseline taken after the imports and one warm-up run of the same case at L <= WARM_L. The warm-up
+keeps one-time costs out of the number: lazy imports inside the first call (Triton alone adds
+~150 MB), thread pools, FFT plans. On CUDA the in-process CUDA peak is kept.
 Used by the runner for CPU memory (issue 7: peak RSS of a fresh process per case).
 """
 from __future__ import annotations
 
 import json
 import sys
+
+WARM_L = 64
 
 
 def main(argv: list[str]) -> int:
@@ -23,10 +27,12 @@ def main(argv: list[str]) -> int:
     else:
         import kernels  # noqa: F401
         from experiments.bench.ops import run_op_case as run
+    run({**case, "L": min(case["L"], WARM_L), "repeats": 1, "budget_s": 0.0})
     base = max_rss_bytes()
     res = run(case)
     if case["device"] == "cpu" and res.get("status") == "OK":
         res["rss_base_bytes"] = base
+        res["warm_L"] = min(case["L"], WARM_L)
         res["mem_bytes"] = max_rss_bytes() - base
     print(json.dumps(res))
     return 0

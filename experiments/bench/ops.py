@@ -114,8 +114,11 @@ def budget_call(op: str, inp: dict) -> torch.Tensor:
 
 # ----- providers --------------------------------------------------------------------------------
 
-def provider(op: str, name: str, *, device: str, allow_interpreter: bool) -> Callable[[dict], torch.Tensor]:
-    """The callable `inputs -> output` of provider `name` for `op`, or raise Unavailable(reason)."""
+def provider(op: str, name: str, *, device: str, allow_interpreter: bool,
+             compile_backend: str = "inductor") -> Callable[[dict], torch.Tensor]:
+    """The callable `inputs -> output` of provider `name` for `op`, or raise Unavailable(reason).
+    `compile_backend`: torch.compile backend of the `compile` provider ("aot_eager" in --smoke,
+    which traces the same graphs without spending ~10 s per C++ compilation)."""
     if name not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {name!r}")
     if name == "triton":
@@ -130,7 +133,7 @@ def provider(op: str, name: str, *, device: str, allow_interpreter: bool) -> Cal
     if name == "plain":
         return lambda inp: plain_call(op, inp)
     if name == "compile":
-        return _compiled(op)
+        return _compiled(op, compile_backend)
     return _pykeops_provider(op)
 
 
@@ -155,15 +158,15 @@ def _triton_provider(op: str, *, device: str, allow_interpreter: bool):
     return _kernels_call(op, "triton")
 
 
-_COMPILED: dict[str, Callable] = {}
+_COMPILED: dict[tuple[str, str], Callable] = {}
 
 
-def _compiled(op: str):
+def _compiled(op: str, backend: str):
     # dynamic=True: one compilation serves every L (recompiling per shape costs ~10 s each on CPU)
-    if op not in _COMPILED:
+    if (op, backend) not in _COMPILED:
         fn = {"vandermonde": _vandermonde_plain, "cauchy": _cauchy_plain, "fftconv": _direct_conv}[op]
-        _COMPILED[op] = torch.compile(fn, dynamic=True)
-    f = _COMPILED[op]
+        _COMPILED[op, backend] = torch.compile(fn, dynamic=True, backend=backend)
+    f = _COMPILED[op, backend]
     if op == "vandermonde":
         return lambda inp: f(inp["v"], inp["x"], inp["L"])
     if op == "cauchy":
@@ -310,7 +313,8 @@ def run_op_case(case: dict) -> dict:
     op, H, N, L, mode, device = (case[k] for k in ("op", "H", "N", "L", "mode", "device"))
     res = {"kind": "op", **{k: case[k] for k in ("op", "provider", "H", "N", "L", "mode")}}
     try:
-        fn = provider(op, case["provider"], device=device, allow_interpreter=case.get("allow_interpreter", False))
+        fn = provider(op, case["provider"], device=device, allow_interpreter=case.get("allow_interpreter", False),
+                      compile_backend=case.get("compile_backend", "inductor"))
     except Unavailable as e:
         return {**res, "status": "SKIPPED", "reason": str(e)}
     if case["provider"] in ("plain", "compile"):
@@ -325,6 +329,8 @@ def run_op_case(case: dict) -> dict:
     except Exception as e:  # a provider that crashes is a FAILED row, never a crashed run
         return {**res, "status": "FAILED", "reason": f"check raised {type(e).__name__}: {str(e)[:200]}"}
     res["check"] = chk["errors"]
+    if case["provider"] == "compile":
+        res["compile_backend"] = case.get("compile_backend", "inductor")
     if not chk["ok"]:
         return {**res, "status": "FAILED", "reason": chk["reason"]}
     names = tuple(ROW_DIM[op]) if mode == "fwdbwd" else ()
@@ -337,7 +343,8 @@ def run_op_case(case: dict) -> dict:
     else:
         call = (lambda: fn(inp))
     try:
-        res.update(time_fn(call, device=device, repeats=case["repeats"], budget_s=case["budget_s"]))
+        # the check above already ran this exact call once: it is the warm-up (compilation included)
+        res.update(time_fn(call, device=device, repeats=case["repeats"], budget_s=case["budget_s"], warmup=0))
         if device == "cuda":
             res["mem_bytes"] = cuda_peak_bytes(call)
     except Exception as e:

@@ -64,13 +64,15 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total; the schedule still spans all epochs
+    # Stop (with a checkpoint) after this many steps in total; the lr schedule still spans all epochs.
+    max_steps: int | None = None
     seed: int = 0
     log_every: int = 20
     eval_every: int | None = None  # extra validation every this many steps (always at each epoch end)
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     progress: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
 
 
 @dataclass

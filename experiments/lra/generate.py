@@ -83,9 +83,15 @@ def run_pathfinder(args) -> Path:
                 by_folder.setdefault(b, []).append(line)
             if bar is not None:
                 bar.update(n_done)
-    finally:
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # Ctrl-C: stop the workers now instead of draining their queue
+        raise
+    else:
         if pool is not None:
             pool.close()
+    finally:
+        if pool is not None:
             pool.join()
         if bar is not None:
             bar.close()

@@ -27,6 +27,7 @@ OCC_SCALE = 2         # occupancy cells per pixel
 
 @dataclass(frozen=True)
 class PathfinderConfig:
+    """Drawing parameters; lengths are in output pixels (see `preset` for the published ones)."""
     resolution: int = 32
     contour_length: int = 14
     paddle_length: float = 2.0
@@ -109,6 +110,7 @@ class _Canvas:
         self.mask[y0:y1, x0:x1] |= d <= r
 
     def stamp_disk(self, centre: np.ndarray, r: float) -> None:
+        """Mark every cell within r of `centre` (keeps distractors out from under a marker)."""
         (x0, x1), (y0, y1) = _window(centre[None], r, OCC_SCALE, self.mask.shape[0])
         self.mask[y0:y1, x0:x1] |= np.hypot(self.cx[:, x0:x1] - centre[0], self.cy[y0:y1] - centre[1]) <= r
 
@@ -138,7 +140,8 @@ class _Canvas:
         dirs = np.stack([np.cos(heading + turns), np.sin(heading + turns)], -1)  # (T, 2)
         starts = prev[1] + cfg.margin * dirs  # (T, 2)
         ends = prev[1] + (cfg.paddle_length + cfg.margin) * dirs  # (T, 2)
-        weight = weight * self._free(self._samples(starts, ends))
+        # Test the gap as well as the dash, so no other snake can cross between two dashes.
+        weight = weight * self._free(self._samples(np.broadcast_to(prev[1], ends.shape), ends))
         cum = np.cumsum(weight)  # (T,)
         if cum[-1] <= 0:
             return None

@@ -33,7 +33,7 @@ from experiments.lra.config import (MODELS, PRESETS, TASKS, Config, apply_overri
 from experiments.lra.models import build_model
 
 # Fields that may differ between a run and its --resume without changing the result.
-_RESUME_FREE = {("train", "max_steps"), ("train", "progress"), ("data", "num_workers")}
+_RESUME_FREE = {("train", "max_steps"), ("train", "progress"), ("train", "threads"), ("data", "num_workers")}
 
 
 class ResumableSampler(DistributedSampler):
@@ -197,11 +197,14 @@ def run(cfg: Config, *, data_dir: Path, out: Path, resume: bool = False) -> dict
     from experiments.lra.data import collate, load_task, task_info
 
     rank, world, device = _setup_device(cfg)
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
     main_proc = rank == 0
     out.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out / "last.pt", out / "best.pt"
     if last_path.exists() and not resume:
-        raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it or choose another --out")
+        raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it "
+                              "or choose another --out")
     amp = cfg.train.amp and device.type == "cuda"
 
     info = task_info(cfg.task)

@@ -13,7 +13,8 @@
 
 Gradients follow PyTorch's convention for holomorphic maps (grad_x = conj(df/dx) * grad_out):
     grad_v = sum_j g conj(c),   grad_w = sum_j g conj(v c^2),   grad_z = -sum_{rows, n} g conj(v c^2),
-with c = 1/(z - w). No Triton import here.
+with c = 1/(z - w). Conjugates are taken with `torch.conj_physical`: lazy conj views lost their
+conj bit inside a custom op traced by torch.compile (aot_eager, torch 2.13). No Triton import here.
 """
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ def _poles(v: torch.Tensor, w: torch.Tensor, symmetric: bool) -> tuple[torch.Ten
     """Row-major numerators (H, R, P) and poles (H, P); P = 2N with the conjugate poles appended."""
     vh = v.permute(1, 0, 2)                                                 # (H, R, N)
     if symmetric:
-        vh = torch.cat([vh, vh.conj()], dim=-1)                             # (H, R, 2N)
-        w = torch.cat([w, w.conj()], dim=-1)                                # (H, 2N)
-    return vh.resolve_conj().contiguous(), w.resolve_conj().contiguous()
+        vh = torch.cat([vh, torch.conj_physical(vh)], dim=-1)               # (H, R, 2N)
+        w = torch.cat([w, torch.conj_physical(w)], dim=-1)                                # (H, 2N)
+    return vh.contiguous(), w.contiguous()
 
 
 def _tiles(H: int, P: int, M: int, chunk: int | None) -> tuple[int, int]:
@@ -79,7 +80,7 @@ def cauchy_chunked_bwd(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, w: 
     M = z.shape[0]
     vh, wp = _poles(v, w, symmetric)                                        # (H, R, P), (H, P)
     P = wp.shape[-1]
-    gh = grad.permute(1, 0, 2).conj().resolve_conj().contiguous()           # (H, R, M): conj(g)
+    gh = torch.conj_physical(grad.permute(1, 0, 2)).contiguous()           # (H, R, M): conj(g)
     # conj(grad_v) = sum_j conj(g) c and conj(T) = sum_j conj(g) c^2, both from one matmul
     # against the stacked tile [c, c^2]; conjugating small results beats conjugating tiles.
     acc = torch.zeros(H, R, 2 * P, dtype=v.dtype, device=v.device)          # (H, R, 2P)
@@ -102,15 +103,15 @@ def cauchy_chunked_bwd(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, w: 
                 # conj(grad_z) = -sum_{h, p} c^2 * sum_r conj(g) v
                 u = torch.bmm(vh[h0:h1].transpose(1, 2), g)                 # (hb, P, mb)
                 gz[m0:m1] -= (u * c2).sum(dim=(0, 1))                        # (mb,)
-    acc = acc.conj()                                                        # (H, R, 2P)
+    acc = torch.conj_physical(acc)                                          # (H, R, 2P)
     gv_h = acc[..., :P]                                                     # (H, R, P)
-    gw = (vh.conj() * acc[..., P:]).sum(dim=1)                              # (H, P)
+    gw = (torch.conj_physical(vh) * acc[..., P:]).sum(dim=1)                              # (H, P)
     if symmetric:
         # The conjugate half enters through conj(v), conj(w): its gradient is conjugated back.
-        gv_h = gv_h[..., :N] + gv_h[..., N:].conj()                         # (H, R, N)
-        gw = gw[..., :N] + gw[..., N:].conj()                               # (H, N)
+        gv_h = gv_h[..., :N] + torch.conj_physical(gv_h[..., N:])           # (H, R, N)
+        gw = gw[..., :N] + torch.conj_physical(gw[..., N:])                               # (H, N)
     gv = gv_h.permute(1, 0, 2).contiguous()                                 # (R, H, N)
-    return gv, (gz.conj() if need_z else None), gw.contiguous()
+    return gv, (torch.conj_physical(gz) if need_z else None), gw.contiguous()
 
 
 class ChunkedCauchy(torch.autograd.Function):

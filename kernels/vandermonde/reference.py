@@ -8,9 +8,10 @@
   exp(x l) = exp(x cT) * exp(x t), so per row the filter is the real part of a small matrix
   product (C x N) @ (N x T), C = ceil(L / T). Memory is O(rows * (L + N * (C + T))), never
   (rows, N, L), in forward and backward (the backward recomputes the powers instead of saving
-  them). The chunk-start powers exp(x cT) are evaluated directly (no error accumulation), with the
-  phase Im(x) * cT formed in float64 and reduced mod 2 pi before the cast, so long filters
-  (L = 64K and beyond) keep float32 accuracy.
+  them); rows are processed in groups so temporaries stay a few MB. The chunk-start powers
+  exp(x cT) are evaluated directly (no error accumulation); every phase (Im(x) cT and Im(x) t) is
+  formed in float64 and reduced mod 2 pi before the cast, so long filters (L = 64K and beyond)
+  keep float32 accuracy (the plain float32 formula does not).
 
 No Triton import here.
 """
@@ -43,10 +44,19 @@ def reduced_phase(xi: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return (phase - torch.round(phase / (2 * math.pi)) * (2 * math.pi)).to(xi.dtype)  # (R, N, S)
 
 
+def decay(arg: torch.Tensor) -> torch.Tensor:
+    """exp(arg) for arg = Re(x) * step <= 0, with results below ~1e-35 (float32) set to exactly 0.
+
+    CPU exp is ~15x slower when it produces subnormals, and those terms are negligible anyway.
+    """
+    floor = -80.0 if arg.dtype == torch.float32 else -700.0
+    return torch.where(arg > floor, torch.exp(arg.clamp_min(floor)), 0.0)
+
+
 def chunk_start_powers(x: torch.Tensor, C: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """exp(x * c*T) for c = 0..C-1, evaluated directly: (R, N) -> real, imag planes (R, C, N)."""
     start = torch.arange(C, device=x.device, dtype=x.real.dtype) * T                 # (C,)
-    mag = torch.exp(x.real.unsqueeze(-2) * start.unsqueeze(-1))                       # (R, C, N)
+    mag = decay(x.real.unsqueeze(-2) * start.unsqueeze(-1))                           # (R, C, N)
     phase = reduced_phase(x.imag, start).transpose(-1, -2)                            # (R, C, N)
     return mag * torch.cos(phase), mag * torch.sin(phase)
 
@@ -57,7 +67,7 @@ def block_powers(x: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     Real planes because torch's complex exp on CPU is ~10x slower than exp, cos and sin.
     """
     t = torch.arange(T, device=x.device, dtype=x.real.dtype)     # (T,)
-    mag = torch.exp(x.real.unsqueeze(-1) * t)                     # (R, N, T)
+    mag = decay(x.real.unsqueeze(-1) * t)                         # (R, N, T)
     phase = reduced_phase(x.imag, t)                              # (R, N, T)
     return mag * torch.cos(phase), mag * torch.sin(phase)
 
@@ -67,18 +77,48 @@ def _split(L: int, block: int | None) -> tuple[int, int]:
     return T, -(-L // T)
 
 
+# Rows per step: bounds the temporaries to ~2**18 power-table entries (a few MB, cache-friendly).
+_ROW_BUDGET = 1 << 18
+
+
+def _row_slices(R: int, N: int, C: int, T: int):
+    step = max(1, _ROW_BUDGET // (N * (C + T)))
+    return [slice(r, min(r + step, R)) for r in range(0, R, step)]
+
+
+def _forward_rows(v: torch.Tensor, x: torch.Tensor, L: int, T: int, C: int) -> torch.Tensor:
+    er, ei = chunk_start_powers(x, C, T)                          # (r, C, N) each
+    vr, vi = v.real.unsqueeze(-2), v.imag.unsqueeze(-2)           # (r, 1, N) each
+    # 2 Re(a @ w) = 2 (Re a @ Re w - Im a @ Im w), a = v E: one real matmul with 2N inner terms.
+    a2 = torch.cat([vr * er - vi * ei, -(vr * ei + vi * er)], dim=-1)  # (r, C, 2N)
+    w2 = torch.cat(block_powers(x, T), dim=-2)                    # (r, 2N, T)
+    out = torch.bmm(a2, w2).reshape(-1, C * T)                    # (r, C*T)
+    return 2 * out[:, :L]                                         # (r, L)
+
+
 def chunked_forward(v: torch.Tensor, x: torch.Tensor, L: int, block: int | None = None) -> torch.Tensor:
     """out = 2 Re sum_n v exp(x l) by power reuse: (R, N) complex -> (R, L) real, no autograd."""
     T, C = _split(L, block)
     R, N = v.shape
-    a = v.unsqueeze(-2) * torch.complex(*chunk_start_powers(x, C, T))  # (R, C, N)
-    wr, wi = block_powers(x, T)                                   # (R, N, T) each
-    # 2 Re(a @ w) = 2 (Re a @ Re w - Im a @ Im w): one real matmul with 2N inner terms.
-    a2 = torch.cat([a.real, -a.imag], dim=-1)                    # (R, C, 2N)
-    w2 = torch.cat([wr, wi], dim=-2)                             # (R, 2N, T)
-    out = torch.bmm(a2, w2).reshape(R, C * T)                    # (R, C*T)
-    out = out[:, :L] if C * T != L else out                      # (R, L)
-    return 2 * out
+    out = torch.empty(R, L, device=v.device, dtype=v.real.dtype)  # (R, L)
+    for rows in _row_slices(R, N, C, T):
+        out[rows] = _forward_rows(v[rows], x[rows], L, T, C)
+    return out
+
+
+def _backward_rows(g: torch.Tensor, v: torch.Tensor, x: torch.Tensor, T: int, C: int):
+    wr, wi = block_powers(x, T)                                  # (r, N, T) each
+    t = torch.arange(T, device=x.device, dtype=x.real.dtype)     # (T,)
+    w4 = torch.cat([wr, wi, wr * t, wi * t], dim=-2)             # (r, 4N, T)
+    s = torch.bmm(g, w4.transpose(-1, -2))                       # (r, C, 4N)
+    s0r, s0i, s1r, s1i = s.chunk(4, dim=-1)                      # (r, C, N) each
+    s0 = torch.complex(s0r, s0i)                                 # (r, C, N): sum_t g exp(x t)
+    s1 = torch.complex(s1r, s1i)                                 # (r, C, N): sum_t g t exp(x t)
+    e = torch.complex(*chunk_start_powers(x, C, T))              # (r, C, N)
+    start = (torch.arange(C, device=x.device, dtype=x.real.dtype) * T).unsqueeze(-1)  # (C, 1)
+    sum0 = (e * s0).sum(dim=-2)                                  # (r, N)
+    sum1 = (e * (start * s0 + s1)).sum(dim=-2)                   # (r, N)
+    return 2 * sum0.conj(), 2 * (v * sum1).conj()
 
 
 def chunked_backward(grad: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
@@ -92,22 +132,12 @@ def chunked_backward(grad: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
     """
     R, L = grad.shape
     T, C = _split(L, block)
-    g = grad.to(v.real.dtype)
-    if C * T != L:
-        g = torch.nn.functional.pad(g, (0, C * T - L))          # (R, C*T)
-    g = g.reshape(R, C, T)                                       # (R, C, T)
-    wr, wi = block_powers(x, T)                                  # (R, N, T) each
-    t = torch.arange(T, device=x.device, dtype=x.real.dtype)     # (T,)
-    w4 = torch.cat([wr, wi, wr * t, wi * t], dim=-2)             # (R, 4N, T)
-    s = torch.bmm(g, w4.transpose(-1, -2))                       # (R, C, 4N)
-    s0r, s0i, s1r, s1i = s.chunk(4, dim=-1)                      # (R, C, N) each
-    s0 = torch.complex(s0r, s0i)                                 # (R, C, N): sum_t g exp(x t)
-    s1 = torch.complex(s1r, s1i)                                 # (R, C, N): sum_t g t exp(x t)
-    e = torch.complex(*chunk_start_powers(x, C, T))              # (R, C, N)
-    start = (torch.arange(C, device=x.device, dtype=x.real.dtype) * T).unsqueeze(-1)  # (C, 1)
-    sum0 = (e * s0).sum(dim=-2)                                  # (R, N)
-    sum1 = (e * (start * s0 + s1)).sum(dim=-2)                   # (R, N)
-    return 2 * sum0.conj(), 2 * (v * sum1).conj()
+    N = v.shape[-1]
+    gv, gx = torch.empty_like(v), torch.empty_like(x)            # (R, N) each
+    for rows in _row_slices(R, N, C, T):
+        g = torch.nn.functional.pad(grad[rows].to(v.real.dtype), (0, C * T - L))  # (r, C*T)
+        gv[rows], gx[rows] = _backward_rows(g.reshape(-1, C, T), v[rows], x[rows], T, C)
+    return gv, gx
 
 
 class ChunkedVandermonde(torch.autograd.Function):

@@ -112,7 +112,6 @@ class MultiHeadAttention(nn.Module):
             scaling["original_max_position_embeddings"] = max_len
         return _rope.parse_scaling(scaling)
 
-    # ----- positions -----
     def _inv_freq(self, seq_len: int) -> tuple[torch.Tensor, float]:
         dim = self.rotary_dim // 2 if self.pos == "rope2d" else self.rotary_dim
         return _rope.rope_frequencies(dim, base=self.rope_base, scaling=self.rope_scaling, seq_len=seq_len)
@@ -126,7 +125,6 @@ class MultiHeadAttention(nn.Module):
         cos, sin = (scale * ang.cos())[:, None], (scale * ang.sin())[:, None]  # (B, 1, L, R/2)
         return _rope.apply_rotary(x, cos, sin, interleaved=self.rope_interleaved)
 
-    # ----- state -----
     def default_state(self, batch_size: int, device=None) -> dict:
         """Empty KV cache: raw (unrotated) keys and values (B, n_heads, 0, head_dim), their positions
         and a validity mask (B, 0)."""
@@ -143,7 +141,6 @@ class MultiHeadAttention(nn.Module):
         y, state = self.forward(x_t[:, None], state=state)
         return y[:, 0], state
 
-    # ----- forward -----
     def forward(self, x: torch.Tensor, state: dict | None = None,
                 lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
         if x.dim() != 3 or x.shape[-1] != self.d_model:

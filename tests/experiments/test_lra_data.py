@@ -187,3 +187,29 @@ def test_bad_arguments():
         load_task("pathfinder", ".", pathfinder_resolution=48)
     with pytest.raises(TypeError):
         collate([(torch.tensor([1]), 0)], 0)  # pad_id is keyword-only
+
+
+def test_saved_datasets_dataset_for_text_and_image(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    texts = ["good film", "bad film", "café!", "meh"]
+    datasets.DatasetDict({
+        s: datasets.Dataset.from_dict({"text": texts, "label": [1, 0, 1, 0]}) for s in ("train", "test")
+    }).save_to_disk(str(tmp_path / "imdb"))
+    ds = load_task("text", tmp_path)
+    assert ds["val"] is ds["test"] and len(ds["train"]) == 4
+    assert ds["train"][2][0].tolist() == [b + 1 for b in "café!".encode()] and ds["train"][2][1] == 1
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(10, 32, 32, 3), dtype=np.uint8)
+    imgs = [Image.fromarray(a) for a in rgb]
+    datasets.DatasetDict({
+        s: datasets.Dataset.from_dict({"img": imgs, "label": list(range(10))},
+                                      features=datasets.Features({"img": datasets.Image(),
+                                                                  "label": datasets.Value("int64")}))
+        for s in ("train", "test")
+    }).save_to_disk(str(tmp_path / "cifar10"))
+    ds = load_task("image", tmp_path)
+    assert [len(ds[s]) for s in ("train", "val", "test")] == [9, 1, 10]
+    r, g, b = (torch.from_numpy(rgb[..., c]).double() for c in range(3))
+    gray = (0.2989 * r + 0.5870 * g + 0.1140 * b).round().long().view(10, -1)  # (10, 1024)
+    assert torch.equal(torch.stack([ds["test"][i][0] for i in range(10)]), gray)
+    assert ds["val"][0][1] == 9

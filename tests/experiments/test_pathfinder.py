@@ -9,8 +9,10 @@ from experiments.lra.data import load_task
 
 
 def _points(snake, n=9):
+    """Points along every dash and every gap between consecutive dashes."""
     t = np.linspace(0, 1, n)[:, None]
-    return np.concatenate([a + t * (b - a) for a, b in snake])  # (n_dashes * n, 2)
+    path = snake.reshape(-1, 2)  # start0, end0, start1, end1, ...: consecutive pairs are dashes and gaps
+    return np.concatenate([a + t * (b - a) for a, b in zip(path[:-1], path[1:])])
 
 
 def _check_geometry(cfg, geom, label):

@@ -183,3 +183,38 @@ def test_bad_call_arguments_raise():
         blk(x, lengths=torch.tensor([5]))
     with pytest.raises(ValueError, match="causal"):
         blk(x, state=blk.default_state(2))
+
+
+def test_sequence_model_transformer_layer_streams():
+    from ssm.models import SequenceModel
+    model = SequenceModel(7, vocab_size=11, d_model=D, n_layers=2, layer="transformer", pooling="none",
+                          layer_kwargs=dict(n_heads=NH, causal=True, pos="rope",
+                                            rope_scaling={"type": "yarn", "factor": 2.0}, max_len=4),
+                          dtype=torch.float64).eval()
+    x = torch.randint(0, 11, (2, 6))
+    full, _ = model(x)
+    state = model.default_state(2)
+    steps = []
+    for t in range(6):
+        out_t, state = model.step(x[:, t], state)
+        steps.append(out_t)
+    assert_close(torch.stack(steps, 1), full, **TOL64)
+    pooled = SequenceModel(3, vocab_size=11, d_model=D, n_layers=1, layer="transformer", pos="sinusoidal",
+                           layer_kwargs=dict(n_heads=NH))
+    assert pooled(x, lengths=torch.tensor([6, 2]))[0].shape == (2, 3)
+
+
+def test_yarn_frequencies_and_scale_reach_the_logits():
+    from ssm.layers import rope
+    scaling = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4}
+    mha = MultiHeadAttention(D, n_heads=NH, causal=True, pos="rope", rope_scaling=scaling, dtype=torch.float64)
+    x = torch.randn(2, 7, D, dtype=torch.float64)
+    b, length, hd = 2, 7, D // NH
+    q, k, v = mha.qkv(x).view(b, length, 3, NH, hd).permute(2, 0, 3, 1, 4)
+    inv_freq, att = rope.rope_frequencies(hd, scaling=scaling)
+    assert att > 1.1
+    ang = rope.rope_angles(torch.arange(length), inv_freq)
+    q, k = (rope.apply_rotary(t, att * ang.cos(), att * ang.sin()) for t in (q, k))
+    s = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(torch.ones(length, length).triu(1).bool(), float("-inf"))
+    ref = mha.out_proj((s.softmax(-1) @ v).transpose(1, 2).reshape(b, length, D))
+    assert_close(mha(x)[0], ref, **TOL64)

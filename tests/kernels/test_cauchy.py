@@ -1,0 +1,208 @@
+"""Cauchy product: both backends against complex128 ground truth (SPEC sections 3 and 4).
+
+Triton runs under the interpreter here (tests/conftest.py), so its shapes stay small.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels.cauchy import cauchy, cauchy_chunked, cauchy_ref
+from kernels.cauchy.reference import cauchy_chunked_bwd, cauchy_chunked_fwd
+from tests.utils import assert_close, assert_within_budget
+
+triton_cauchy = pytest.importorskip("kernels.cauchy.triton_cauchy")
+
+
+def make_inputs(R, H, N, M, *, dtype=torch.complex128, scale=1.0):
+    """Stable poles (Re w < 0) and points near the imaginary axis, like S4's g(z) - Lambda."""
+    v = torch.randn(R, H, N, dtype=torch.complex128)                                          # (R, H, N)
+    w = torch.complex(-0.1 - torch.rand(H, N, dtype=torch.float64), 3 * torch.randn(H, N, dtype=torch.float64))
+    z = torch.complex(0.1 * torch.randn(M, dtype=torch.float64), 3 * torch.randn(M, dtype=torch.float64))
+    return v.to(dtype), (scale * z).to(dtype), (scale * w).to(dtype)
+
+
+def value_and_grads(fn, v, z, w, g):
+    """fn(v, z, w) and its gradients w.r.t. v, z, w for the upstream gradient g."""
+    v, z, w = (t.detach().clone().requires_grad_() for t in (v, z, w))
+    out = fn(v, z, w)
+    return (out.detach(), *torch.autograd.grad(out, (v, z, w), g.to(out.dtype)))
+
+
+def check_against_truth(fn, R, H, N, M, symmetric):
+    """complex64 within the error budget of the plain formula; complex128 to TOL."""
+    v, z, w = make_inputs(R, H, N, M)
+    g = torch.randn(R, H, M, dtype=torch.complex128)                                          # (R, H, M)
+    plain = lambda a, b, c: cauchy_ref(a, b, c, symmetric)  # noqa: E731
+    truth = value_and_grads(plain, v, z, w, g)
+    lo = [t.to(torch.complex64) for t in (v, z, w)]
+    fast = value_and_grads(fn, *lo, g)
+    ref32 = value_and_grads(plain, *lo, g)
+    for name, f, p, t in zip(("out", "grad_v", "grad_z", "grad_w"), fast, ref32, truth):
+        assert f.dtype == torch.complex64
+        assert_within_budget(f, p, t, name=name)
+    exact = value_and_grads(fn, v, z, w, g)
+    for name, e, t in zip(("out", "grad_v", "grad_z", "grad_w"), exact, truth):
+        assert e.dtype == torch.complex128
+        assert_close(e, t, rtol=1e-9, atol=1e-10 * max(1.0, t.abs().max().item()), name=name)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("R", [1, 4])
+@pytest.mark.parametrize("N", [1, 3, 32])
+@pytest.mark.parametrize("M", [1, 17, 489])
+def test_torch_backend_matches_truth(M, N, R, symmetric):
+    # H = 5 rows with chunk 7 makes partial tiles along both rows and points.
+    fn = lambda v, z, w: cauchy_chunked(v, z, w, symmetric, chunk=7)  # noqa: E731
+    check_against_truth(fn, R, 5, N, M, symmetric)
+    fn = lambda v, z, w: cauchy(v, z, w, symmetric=symmetric, backend="torch")  # noqa: E731
+    check_against_truth(fn, R, 5, N, M, symmetric)
+
+
+# Interpreted Triton is slow: each size value and each flag appear, not their full product.
+# N = 40 crosses the interpreter's pole block (32); M = 489 crosses its point block (128).
+TRITON_CASES = [(1, 1, 1, False), (17, 3, 4, True), (489, 32, 4, True), (489, 3, 1, False),
+                (17, 32, 1, False), (1, 3, 4, True), (17, 40, 4, True)]
+
+
+@pytest.mark.parametrize("M,N,R,symmetric", TRITON_CASES)
+def test_triton_backend_matches_truth(M, N, R, symmetric):
+    fn = lambda v, z, w: cauchy(v, z, w, symmetric=symmetric, backend="triton")  # noqa: E731
+    check_against_truth(fn, R, 3, N, M, symmetric)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gradcheck_triton_function(symmetric):
+    v, z, w = (t.requires_grad_() for t in make_inputs(2, 2, 3, 5))
+    fn = lambda a, b, c: triton_cauchy.TritonCauchy.apply(a, b, c, symmetric)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (v, z, w), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gradcheck_chunked_function(symmetric):
+    v, z, w = (t.requires_grad_() for t in make_inputs(2, 3, 3, 5))
+    fn = lambda a, b, c: cauchy_chunked(a, b, c, symmetric, chunk=2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (v, z, w), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_leading_numerator_dims_share_poles():
+    v, z, w = make_inputs(4 * 2, 3, 5, 11)
+    v = v.reshape(4, 2, 3, 5)                                                                 # (4, 2, H, N)
+    w = w[:, :5].expand(2, 3, 5).clone()                                                      # (2, H, N)
+    for backend in ("torch", "triton"):
+        out = cauchy(v, z, w, symmetric=True, backend=backend)
+        assert out.shape == (4, 2, 3, 11)
+        for r in range(4):
+            assert_close(out[r], cauchy_ref(v[r], z, w, True), name=f"{backend} numerator {r}")
+
+
+def test_triton_outputs_fully_overwritten():
+    v, z, w = make_inputs(3, 3, 5, 150, dtype=torch.complex64)
+    g = torch.randn(3, 3, 150, dtype=torch.complex64)
+    nan = float("nan")
+    out = torch.full((3, 3, 150), complex(nan, nan), dtype=torch.complex64)
+    triton_cauchy.cauchy_fwd_triton(v, z, w, True, out=out)
+    assert_close(out, cauchy_chunked_fwd(v, z, w, True), rtol=1e-4, atol=1e-5, name="out")
+    bufs = tuple(torch.full_like(t, complex(nan, nan)) for t in (v, z, w))
+    gv, gz, gw = triton_cauchy.cauchy_bwd_triton(g, v, z, w, True, True, True, out=bufs)
+    ev, ez, ew = cauchy_chunked_bwd(g, v, z, w, True, True)
+    for name, a, e in (("grad_v", gv, ev), ("grad_z", gz, ez), ("grad_w", gw, ew)):
+        assert a.data_ptr() in {b.data_ptr() for b in bufs}
+        assert_close(a, e, rtol=1e-4, atol=1e-4 * e.abs().max().item(), name=name)
+
+
+def test_triton_backward_is_deterministic():
+    v, z, w = make_inputs(4, 5, 3, 40, dtype=torch.complex64)
+    g = torch.randn(4, 5, 40, dtype=torch.complex64)
+    first = triton_cauchy.cauchy_bwd_triton(g, v, z, w, True, True, True)
+    second = triton_cauchy.cauchy_bwd_triton(g, v, z, w, True, True, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_extreme_but_valid_inputs(backend):
+    # Poles 1e-4 away from points, a pole at |w| = 1e6, points at 0 and at |z| = 1e4.
+    v, z, w = make_inputs(2, 2, 3, 20)
+    z[0], z[1], z[2] = 0.0, w[0, 0] + 1e-4j, 1e4j
+    w[1, 2] = complex(-1e6, 3e5)
+    g = torch.randn(2, 2, 20, dtype=torch.complex128)
+    plain = lambda a, b, c: cauchy_ref(a, b, c, True)  # noqa: E731
+    fn = lambda a, b, c: cauchy(a, b, c, symmetric=True, backend=backend)  # noqa: E731
+    truth = value_and_grads(plain, v, z, w, g)
+    lo = [t.to(torch.complex64) for t in (v, z, w)]
+    for name, f, p, t in zip(("out", "grad_v", "grad_z", "grad_w"), value_and_grads(fn, *lo, g),
+                             value_and_grads(plain, *lo, g), truth):
+        assert torch.isfinite(torch.view_as_real(f)).all(), name
+        assert_within_budget(f, p, t, name=name)
+
+
+def test_bad_inputs_raise():
+    v, z, w = make_inputs(1, 2, 3, 4, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="v must be complex64 or complex128"):
+        cauchy(v.real, z, w)
+    with pytest.raises(TypeError, match="share one dtype"):
+        cauchy(v, z.to(torch.complex128), w)
+    with pytest.raises(ValueError, match=r"z must have shape \(M,\)"):
+        cauchy(v, z.reshape(2, 2), w)
+    with pytest.raises(ValueError, match=r"v must have shape .*got v \(1, 2, 3\) and w \(2, 4\)"):
+        cauchy(v, z, w[:, :2].repeat(1, 2))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cauchy(v, z, w, backend="cuda")
+    with pytest.raises(TypeError, match="symmetric must be a bool"):
+        cauchy(v, z, w, symmetric=1)
+
+
+def test_dispatch(monkeypatch):
+    v, z, w = make_inputs(1, 2, 3, 4, dtype=torch.complex64)
+    assert torch.equal(kernels.cauchy(v, z, w), cauchy(v, z, w, backend="triton"))
+    monkeypatch.setenv("SSMKIT_DISABLE_TRITON", "1")
+    with pytest.raises(RuntimeError, match="SSMKIT_DISABLE_TRITON"):
+        cauchy(v, z, w, backend="triton")
+    assert torch.equal(cauchy(v, z, w), cauchy(v, z, w, backend="torch"))
+
+
+def test_empty_shapes():
+    v, z, w = make_inputs(2, 3, 4, 5, dtype=torch.complex64)
+    assert cauchy(v, z[:0], w).shape == (2, 3, 0)
+    assert cauchy(v[:, :0], z, w[:0]).shape == (2, 0, 5)
+    assert torch.equal(cauchy(v[..., :0], z, w[..., :0], backend="torch"), torch.zeros(2, 3, 5, dtype=torch.complex64))
+
+
+def test_torch_compile_fullgraph():
+    v, z, w = make_inputs(4, 3, 5, 9, dtype=torch.complex64)
+
+    def f(a, b, c):
+        return cauchy(a, b, c, symmetric=True, backend="torch").abs().square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager = value_and_grads(f, v, z, w, torch.ones((), dtype=torch.float32))
+    traced = value_and_grads(compiled, v, z, w, torch.ones((), dtype=torch.float32))
+    for name, a, e in zip(("loss", "grad_v", "grad_z", "grad_w"), traced, eager):
+        assert_close(a, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), name=name)
+
+
+@pytest.mark.slow
+def test_cpu_path_memory_at_s4_size():
+    # S4 layer size: H = 256, N = 64 (32 pairs), L = 16384 -> M = 8193 points, 4 numerators.
+    # Materializing (H, N, M) alone would take 1.1 GB (complex64); the tiled path stays far below.
+    code = (
+        "import resource, torch\n"
+        "from kernels.cauchy import cauchy\n"
+        "R, H, N, M = 4, 256, 32, 8193\n"
+        "v = torch.randn(R, H, N, dtype=torch.complex64, requires_grad=True)\n"
+        "w = torch.complex(-torch.rand(H, N), torch.randn(H, N)).requires_grad_()\n"
+        "z = torch.complex(torch.zeros(M), torch.linspace(0, 100, M))\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out = cauchy(v, z, w, symmetric=True, backend='torch')\n"
+        "out.real.sum().backward()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    growth_mb = float(res.stdout.strip().splitlines()[-1])
+    assert growth_mb < 500, f"RSS grew by {growth_mb:.0f} MB"
