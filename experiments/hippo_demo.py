@@ -145,6 +145,8 @@ def main(argv=None) -> dict:
     if any(N < 1 for N in args.N):
         raise SystemExit("--N values must be >= 1")
     os.makedirs(args.out, exist_ok=True)
+    # The recurrences are long loops of tiny ops: intra-op threads only add synchronization.
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     result = run(args)
     table = format_table(result["errors"], args.measures, args.N)

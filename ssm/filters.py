@@ -75,12 +75,15 @@ def dplr_filter(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, Ct: torc
     v = torch.cat(nums, dim=0) * half_dt                               # (S, H, N2)
     k = kernels.cauchy(v, t, w, symmetric=True, backend=backend)       # (S, H, M')
     k00, k01, k10, k11 = torch.split(k, [c, c * r, r, r * r], dim=0)
-    k01 = k01.reshape(c, r, H, -1).permute(2, 3, 0, 1)                 # (H, M', c, r)
-    k10 = k10.reshape(r, H, -1).permute(1, 2, 0).unsqueeze(-1)         # (H, M', r, 1)
-    k11 = k11.reshape(r, r, H, -1).permute(2, 3, 0, 1)                 # (H, M', r, r)
-    eye = torch.eye(r, dtype=k11.dtype, device=k11.device)
-    corr = k01 @ torch.linalg.solve(eye + k11, k10)                    # (H, M', c, 1)
-    khat = k00 - corr.squeeze(-1).permute(2, 0, 1)                     # (c, H, M')
+    if r == 1:
+        khat = k00 - k01 * k10 / (1 + k11)                             # (c, H, M')
+    else:
+        k01 = k01.reshape(c, r, H, -1).permute(2, 3, 0, 1)             # (H, M', c, r)
+        k10 = k10.reshape(r, H, -1).permute(1, 2, 0).unsqueeze(-1)     # (H, M', r, 1)
+        k11 = k11.reshape(r, r, H, -1).permute(2, 3, 0, 1)             # (H, M', r, r)
+        eye = torch.eye(r, dtype=k11.dtype, device=k11.device)
+        corr = k01 @ torch.linalg.solve(eye + k11, k10)                # (H, M', c, 1)
+        khat = k00 - corr.squeeze(-1).permute(2, 0, 1)                 # (c, H, M')
     khat = khat * (2 / (1 + omega)).to(khat.dtype)                     # (c, H, M')
     if n_cauchy < M:
         nyq = dt.to(real) * (Ct * B).sum(-1).real                     # (c, H): (dt/2) Ctf.Bf

@@ -61,6 +61,7 @@ def parse_args(argv):
     p.add_argument("--max-call-s", type=float, default=10.0,
                    help="skip a case when the calls at smaller L of the same series predict a call slower "
                         "than this (power law fitted to the last two L, exponent clamped to [1, 2])")
+    p.add_argument("--max-layer-call-s", type=float, default=30.0, help="--max-call-s for layer cases")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per isolated case")
     p.add_argument("--peak-flops", type=float, default=None, help="override the device's FP32 FLOP/s peak")
     p.add_argument("--peak-bw", type=float, default=None, help="override the device's memory bytes/s peak")
@@ -156,7 +157,8 @@ def main(argv=None) -> int:
         series = (case["kind"], name, case.get("provider"), case["mode"], case["H"], case["N"], case.get("B"))
         isolate = args.isolate == "always" or (args.isolate == "auto" and device == "cpu" and case["kind"] == "layer"
                                                and (not args.smoke or case is first_layer))
-        why = _predict_too_slow(history.get(series, []), case["L"], args.max_call_s)
+        why = _predict_too_slow(history.get(series, []), case["L"],
+                                args.max_call_s if case["kind"] == "op" else args.max_layer_call_s)
         if series in too_slow or why:
             base = {k: case[k] for k in ("kind", "mode", "H", "N", "L") if k in case}
             extra = {k: case[k] for k in ("op", "provider", "layer", "B") if k in case}
@@ -171,6 +173,8 @@ def main(argv=None) -> int:
         elif res.get("status") in ("TIMEOUT", "OOM"):
             too_slow[series] = f"L={case['L']}: {res['status']}"
         results.append(res)
+        if device == "cuda":
+            torch.cuda.empty_cache()  # each case starts from an empty cache (and recovers from OOM)
         line = (f"{case['kind']} {name} {case.get('provider', '')} {case['mode']} H={case['H']} N={case['N']} "
                 f"L={case['L']}: {res['status']}" + (f" {res['median_s'] * 1e3:.2f} ms" if res["status"] == "OK"
                                                     else f" ({res.get('reason', '')})"))

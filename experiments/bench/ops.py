@@ -269,7 +269,8 @@ def _grad(out: torch.Tensor, inp: dict, names, g: torch.Tensor) -> list:
 def check(op: str, fn: Callable[[dict], torch.Tensor], inputs: dict, mode: str, *, rows: int = CHECK_ROWS) -> dict:
     """Compare `fn` with complex128 ground truth on the first `rows` channels: forward, and in
     mode "fwdbwd" every input gradient. Budget: err <= 2 * err(plain formula at the same
-    precision) + 1e-6 * max|truth|. Returns {"ok", "reason", "errors": {name: [err, budget]}}."""
+    precision) + 1e-6 * max|truth|. Returns {"ok", "reason", "errors": {name: [err, budget]},
+    "upstream": the upstream gradient used (like the output)}."""
     names = tuple(ROW_DIM[op]) if mode == "fwdbwd" else ()
     full = {k: (a.detach().requires_grad_(k in names) if torch.is_tensor(a) else a) for k, a in inputs.items()}
     out = fn(full)
@@ -301,7 +302,7 @@ def check(op: str, fn: Callable[[dict], torch.Tensor], inputs: dict, mode: str, 
             bad.append(f"{name}: non-finite values")
         elif not e_fast <= budget:
             bad.append(f"{name}: error {e_fast:.2e} > budget {budget:.2e}")
-    return {"ok": not bad, "reason": "; ".join(bad), "errors": errors}
+    return {"ok": not bad, "reason": "; ".join(bad), "errors": errors, "upstream": g}
 
 
 # ----- one case -------------------------------------------------------------------------------
@@ -326,6 +327,8 @@ def run_op_case(case: dict) -> dict:
     try:
         inputs = make_inputs(op, H, N, L, device=device)
         chk = check(op, fn, inputs, mode)
+    except torch.cuda.OutOfMemoryError:
+        return {**res, "status": "OOM", "reason": "CUDA out of memory"}
     except Exception as e:  # a provider that crashes is a FAILED row, never a crashed run
         return {**res, "status": "FAILED", "reason": f"check raised {type(e).__name__}: {str(e)[:200]}"}
     res["check"] = chk["errors"]
@@ -336,9 +339,7 @@ def run_op_case(case: dict) -> dict:
     names = tuple(ROW_DIM[op]) if mode == "fwdbwd" else ()
     inp = {k: (a.detach().requires_grad_(k in names) if torch.is_tensor(a) else a) for k, a in inputs.items()}
     if names:
-        out0 = fn(inp)
-        g = torch.ones_like(out0)
-        del out0
+        g = chk["upstream"]
         call = (lambda: torch.autograd.grad(fn(inp), [inp[k] for k in names], g))
     else:
         call = (lambda: fn(inp))
@@ -347,6 +348,8 @@ def run_op_case(case: dict) -> dict:
         res.update(time_fn(call, device=device, repeats=case["repeats"], budget_s=case["budget_s"], warmup=0))
         if device == "cuda":
             res["mem_bytes"] = cuda_peak_bytes(call)
+    except torch.cuda.OutOfMemoryError:
+        return {**res, "status": "OOM", "reason": "CUDA out of memory"}
     except Exception as e:
         return {**res, "status": "FAILED", "reason": f"timing raised {type(e).__name__}: {str(e)[:200]}"}
     flops, nbytes = counts(op, H, N, L, mode)

@@ -118,5 +118,7 @@ def run_isolated(case: dict, *, timeout_s: float, env: dict | None = None) -> di
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
+    if proc.returncode == -9:  # the kernel's OOM killer sends SIGKILL
+        return {"status": "OOM", "reason": "fresh process was killed (SIGKILL): out of memory"}
     tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
     return {"status": "FAILED", "reason": f"fresh process died (exit {proc.returncode}): {tail[:300]}"}

@@ -196,14 +196,18 @@ def _try_sample(cfg: PathfinderConfig, rng: np.random.Generator, label: int) -> 
     lo = cfg.marker_radius + 1.0  # markers must fit on the canvas
     hi = cfg.resolution - lo
     s0 = rng.uniform(lo, hi, size=2)
-    phi = rng.uniform(0, 2 * np.pi)
-    s1 = s0 + cfg.seed_distance * np.array([np.cos(phi), np.sin(phi)])
-    if not ((s1 >= lo) & (s1 <= hi)).all():
-        return None
     first = canvas.snake(s0, cfg.contour_length)
     if first is None:
         return None
-    second = canvas.snake(s1, cfg.contour_length)
+    second, saved = None, canvas.mask.copy()
+    for _ in range(5):  # a stuck second target is retried from a fresh seed direction
+        phi = rng.uniform(0, 2 * np.pi)
+        s1 = s0 + cfg.seed_distance * np.array([np.cos(phi), np.sin(phi)])
+        if ((s1 >= lo) & (s1 <= hi)).all():
+            second = canvas.snake(s1, cfg.contour_length)
+            if second is not None:
+                break
+            canvas.mask[:] = saved
     if second is None:
         return None
     # Either target may carry the shared marker, so neither growth order is a cue.

@@ -20,14 +20,17 @@ from experiments.lra import listops, train
 
 # The quick-start data: sizes and token lengths (the benchmark uses 96k/2k/2k and 500-2000).
 N_TRAIN, N_VAL, N_TEST = 6000, 500, 1000
-MIN_LENGTH, MAX_LENGTH = 50, 200
+MIN_LENGTH, MAX_LENGTH = 20, 100
 DATA_SEED = 0
 
 
 def generate_data(root: Path) -> Path:
     """Write the quick-start ListOps split in the release layout under `root` (reused if present)."""
     folder = root / listops.FOLDER
-    if all((folder / listops.SPLIT_FILES[s]).is_file() for s in ("train", "val", "test")):
+    stamp = {"n": [N_TRAIN, N_VAL, N_TEST], "length": [MIN_LENGTH, MAX_LENGTH], "seed": DATA_SEED}
+    stamp_file = root / "quickstart-data.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and all(
+            (folder / listops.SPLIT_FILES[s]).is_file() for s in ("train", "val", "test")):
         print(f"[quickstart] reusing ListOps data in {folder}", flush=True)
         return root
     from tqdm.auto import tqdm
@@ -36,6 +39,7 @@ def generate_data(root: Path) -> Path:
         splits = listops.generate_splits(N_TRAIN, N_VAL, N_TEST, seed=DATA_SEED, min_length=MIN_LENGTH,
                                          max_length=MAX_LENGTH, progress=bar.update)
     listops.write_splits(root, splits)
+    stamp_file.write_text(json.dumps(stamp))
     return root
 
 

@@ -82,6 +82,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"{kind} needs pos='rope' and the explicit-score path (impl='auto' or 'explicit')")
         self.impl = "explicit" if impl == "explicit" or self.rerope else "sdpa"
         self.rotary_dim = 0
+        self._freq_cache: dict = {}
         if pos in ("rope", "rope2d"):
             if not 0.0 < rotary_fraction <= 1.0:
                 raise ValueError(f"rotary_fraction must be in (0, 1], got {rotary_fraction}")
@@ -112,9 +113,21 @@ class MultiHeadAttention(nn.Module):
             scaling["original_max_position_embeddings"] = max_len
         return _rope.parse_scaling(scaling)
 
-    def _inv_freq(self, seq_len: int) -> tuple[torch.Tensor, float]:
-        dim = self.rotary_dim // 2 if self.pos == "rope2d" else self.rotary_dim
-        return _rope.rope_frequencies(dim, base=self.rope_base, scaling=self.rope_scaling, seq_len=seq_len)
+    def _inv_freq(self, k_pos: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """float64 frequencies on k_pos's device (cached per device) and the cos/sin scale."""
+        kind = None if self.rope_scaling is None else self.rope_scaling["type"]
+        seq_len = None
+        if kind in ("dynamic", "longrope"):  # these depend on the current length (a host sync)
+            seq_len = int(k_pos.max().item()) + 1 if k_pos.numel() else 1
+        key = (str(k_pos.device), seq_len)
+        if key not in self._freq_cache:
+            dim = self.rotary_dim // 2 if self.pos == "rope2d" else self.rotary_dim
+            inv_freq, scale = _rope.rope_frequencies(dim, base=self.rope_base, scaling=self.rope_scaling,
+                                                     seq_len=seq_len)
+            if seq_len is not None:
+                self._freq_cache.clear()  # keep one length-dependent entry, not one per length
+            self._freq_cache[key] = (inv_freq.to(k_pos.device), scale)
+        return self._freq_cache[key]
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
         # x (B, nh, L, D), positions (B, L)
@@ -174,8 +187,7 @@ class MultiHeadAttention(nn.Module):
     def _attend(self, q, k, v, q_pos, k_pos, valid, *, plain: bool) -> torch.Tensor:
         inv_freq, cs = None, 1.0
         if self.rotary_dim:
-            seq_len = int(k_pos.max().item()) + 1 if k_pos.numel() else 1
-            inv_freq, cs = self._inv_freq(seq_len)
+            inv_freq, cs = self._inv_freq(k_pos)
             if not self.rerope:
                 q, k = self._rotate(q, q_pos, inv_freq, cs), self._rotate(k, k_pos, inv_freq, cs)
         if self.log_n_scaling:

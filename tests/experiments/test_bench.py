@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from experiments.bench import ops, report
-from experiments.bench.__main__ import parse_args
+from experiments.bench.__main__ import _predict_too_slow, parse_args
 from experiments.bench.timing import summarize, time_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -116,3 +116,10 @@ def test_tables_and_targets_report_missing_rows():
     ok = [{"kind": "layer", "layer": lay, "mode": "fwdbwd", "B": 1, "H": 256, "N": 64, "L": 8192, "status": "OK",
            "median_s": t} for lay, t in (("s4d", 0.1), ("attention", 2.0))]
     assert any("20.0x" in t and t.endswith("MET") for t in report.targets(ok, device="cpu"))
+
+
+def test_slow_series_are_skipped_by_prediction():
+    pts = [(1024, 0.5), (2048, 2.0)]  # quadratic growth: 8 s at 4096, 32 s at 8192
+    assert _predict_too_slow(pts, 4096, 10.0) is None
+    assert "32 s" in _predict_too_slow(pts, 8192, 10.0)
+    assert _predict_too_slow([], 8192, 10.0) is None

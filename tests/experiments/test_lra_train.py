@@ -92,6 +92,7 @@ def test_paper_presets_match_spec():
             got = (cfg.model.d_model, cfg.model.d_state, cfg.optim.lr, cfg.data.batch_size, cfg.train.epochs)
             assert got == (d_model, d_state, lr, batch, epochs), (task, model)
             assert cfg.model.n_layers == 6 and cfg.model.bidirectional and cfg.model.pooling == "mean"
+            assert cfg.model.norm == "batch"
             assert cfg.optim.weight_decay == 0.05 and cfg.optim.ssm_lr == 1e-3
             assert cfg.model.dt_min == (1e-4 if task == "pathx" else 1e-3)
     t = C.preset_config("image", "transformer", "paper")
@@ -186,3 +187,17 @@ def test_sigint_writes_checkpoint_and_resumes(fixture_root, tmp_path):
     assert step >= 1
     res = train.main(cmd[3:] + ["--resume", "--max-steps", str(step + 1)])
     assert res["steps"] == step + 1
+
+
+def test_quickstart_end_to_end_smoke(tmp_path, monkeypatch, capsys):
+    from experiments.lra import quickstart
+
+    # Tiny generated set and two steps per model: checks the wiring and the final table, not accuracy.
+    for name, value in (("N_TRAIN", 12), ("N_VAL", 6), ("N_TEST", 6), ("MIN_LENGTH", 10), ("MAX_LENGTH", 40)):
+        monkeypatch.setattr(quickstart, name, value)
+    results = quickstart.main(["--out", str(tmp_path), "--max-steps", "2"])
+    assert [r["model"] for r in results] == ["s4d", "transformer"] and all(r["steps"] == 2 for r in results)
+    out = capsys.readouterr().out
+    assert "| s4d |" in out and "| transformer |" in out and "majority class" in out
+    assert (tmp_path / "summary.md").read_text().strip() in out
+    assert json.loads((tmp_path / "s4d" / "result.json").read_text())["n_test"] == 6
