@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HiPPO measures (default: all)")
     p.add_argument("--method", default="bilinear", choices=[m for m in METHODS if m != "gbt"],
                    help="discretization (default %(default)s; LegS 'zoh' is exact but slow at large L)")
-    p.add_argument("--theta", type=float, default=0.5, help="LegT/FouT window in time units, signal = 1 (default %(default)s)")
+    p.add_argument("--theta", type=float, default=0.5,
+                   help="LegT/FouT window in time units; the signal spans 1 (default %(default)s)")
     p.add_argument("--lagt-theta", type=float, default=0.02, help="LagT time scale (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random signals (default %(default)s)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")

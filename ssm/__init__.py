@@ -16,12 +16,12 @@ _EXPORTS = {
     "SequenceModel": "ssm.models",
 }
 
-__all__ = sorted(_EXPORTS) + ["hippo", "discretize", "models"]
+__all__ = sorted(_EXPORTS) + ["hippo", "discretize", "approx", "models"]
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("hippo", "discretize", "models", "filters", "fftconv", "layers"):
+    if name in ("hippo", "discretize", "approx", "models", "filters", "fftconv", "layers"):
         return importlib.import_module(f"ssm.{name}")
     raise AttributeError(f"module 'ssm' has no attribute {name!r}")

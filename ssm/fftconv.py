@@ -26,6 +26,42 @@ def no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast gradient back to `shape`."""
+    extra = t.dim() - len(shape)
+    t = t.sum(dim=tuple(range(extra))) if extra > 0 else t
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+class _FFTConv(torch.autograd.Function):
+    """Circular convolution of zero-padded u (..., L) with a length-2L filter, first L outputs.
+
+    Saves only u and the filter; the backward recomputes the spectra (two correlations by FFT),
+    which keeps fwd+bwd memory at a few (..., L)-sized buffers instead of every spectrum.
+    """
+
+    @staticmethod
+    def forward(ctx, u, kk):
+        L = u.shape[-1]
+        ctx.save_for_backward(u, kk)
+        spec = torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(kk, n=2 * L)   # (..., L+1)
+        return torch.fft.irfft(spec, n=2 * L)[..., :L]                   # (..., L)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, kk = ctx.saved_tensors
+        L = u.shape[-1]
+        g = torch.fft.rfft(grad, n=2 * L)                                # (..., L+1)
+        gu = gk = None
+        if ctx.needs_input_grad[0]:
+            gu = _sum_to(torch.fft.irfft(g * torch.fft.rfft(kk, n=2 * L).conj(), n=2 * L)[..., :L], u.shape)
+        if ctx.needs_input_grad[1]:
+            gk = _sum_to(torch.fft.irfft(g * torch.fft.rfft(u, n=2 * L).conj(), n=2 * L)[..., :kk.shape[-1]],
+                         kk.shape)
+        return gu, gk
+
+
 def fftconv(u: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None = None) -> torch.Tensor:
     """Causal convolution `y_l = sum_{m<=l} k_m u_{l-m}` along the last dim, by FFT in float32.
 
@@ -34,7 +70,7 @@ def fftconv(u: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None = None)
     strictly future inputs, `y_l += sum_{m>=0} k_rev_m u_{l+1+m}` (one FFT for both directions).
     """
     L = u.shape[-1]
-    if k.shape[-1] > L:
+    if k.shape[-1] > L or (k_rev is not None and k_rev.shape[-1] > L):
         raise ValueError(f"fftconv: filter length {k.shape[-1]} exceeds sequence length {L}")
     with no_autocast(u.device.type):
         u = u.float()
@@ -45,10 +81,7 @@ def fftconv(u: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None = None)
                               dtype=k.dtype, device=k.device)
             # lag -(m+1) of the circular length-2L convolution sits at index 2L-1-m
             k = torch.cat([k, pad, k_rev.flip(-1)], dim=-1)           # (..., 2L)
-        n = 2 * L
-        uf = torch.fft.rfft(u, n=n)                                    # (..., L+1)
-        kf = torch.fft.rfft(k, n=n)                                    # (..., L+1)
-        return torch.fft.irfft(uf * kf, n=n)[..., :L]                  # (..., L)
+        return _FFTConv.apply(u, k)                                    # (..., L)
 
 
 def roll_left_padded(u: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

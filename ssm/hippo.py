@@ -10,11 +10,11 @@ Convention: `x' = A x + B u` for the translated measures ("legt", "lagt", "fout"
   eigenbasis of the normal part, optionally keeping one member of each conjugate pair.
 - `diag_init(init, N)` -> the `N // 2` diagonal (S4D) eigenvalues.
 - `transition_matvec(measure, x)` -> `A @ x` in O(N) for LegS/LegT (cumulative-sum form).
-- `basis(measure, N, s)` -> the functions the state coefficients multiply when reconstructing.
 
-Departure from a textbook FouT: "fout" is the SPEC (and S4) matrix, whose rotation frequency of
-pair k is `pi*k`; it is *not* an exact orthogonal projection onto a Fourier basis, so
-`basis("fout", ...)` is the best-fitting readout over a window of length 2 (see `basis`).
+Note on "fout": it is the SPEC (and S4) matrix. Its rotation frequency of pair k is `pi*k`, i.e. a
+Fourier basis on a window of length 2, but its endpoint terms (`b b^T`, `b`) are twice those of the
+exact projection onto that window, so it is not an exact projection; `ssm.approx.basis("fout")`
+reads it out with the window-2 Fourier basis, which is approximate.
 """
 from __future__ import annotations
 

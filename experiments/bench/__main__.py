@@ -53,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--layer-H", type=int, nargs="+", help="layer widths")
     p.add_argument("--layer-N", type=int, nargs="+", help="S4/S4D state sizes")
     p.add_argument("--layer-L", type=int, nargs="+", help="layer lengths")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none",
+                   help="layers only: run under bf16 autocast (SDPA flash kernels on CUDA need it)")
     p.add_argument("--isolate", choices=("auto", "always", "never"), default="auto",
                    help="fresh process per case (CPU peak RSS): auto = layers on CPU only "
                         "(in --smoke only the first layer case, to keep it under a minute)")
@@ -124,6 +126,7 @@ def main(argv=None) -> int:
         peaks = (args.peak_flops or base[0], args.peak_bw or base[1])
         peaks = peaks if None not in peaks else None
     header["peaks"] = peaks
+    header["amp"] = args.amp
     header["shapes"] = shapes
     print(report.header_line(header), flush=True)
 
@@ -139,11 +142,11 @@ def main(argv=None) -> int:
         for mode in args.modes:
             for B in shapes["layer_B"]:
                 for H in shapes["layer_H"]:
-                    for N in shapes["layer_N"] if layer in ("s4d", "s4") else shapes["layer_N"][:1]:
+                    for N in shapes["layer_N"] if layer in ("s4d", "s4") else [None]:
                         for L in sorted(shapes["layer_L"]):
                             cases.append(dict(kind="layer", layer=layer, B=B, H=H, N=N, L=L, mode=mode))
     common = dict(device=device, repeats=repeats, budget_s=budget, allow_interpreter=args.smoke,
-                  mem_cap_bytes=mem_cap, peaks=peaks, compile_backend="aot_eager" if args.smoke else "inductor")
+                  mem_cap_bytes=mem_cap, peaks=peaks, compile_backend="aot_eager" if args.smoke else "inductor", amp=args.amp)
     try:
         from tqdm import tqdm
         bar = tqdm(total=len(cases), file=sys.stderr, dynamic_ncols=True)

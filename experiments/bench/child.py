@@ -1,7 +1,9 @@
 """One benchmark case in a fresh process: `python -m experiments.bench.child '<case json>'`.
 
-Prints one JSON line: the case's result plus `mem_bytes`, the growth of peak RSS (ru_maxrss) over
-a baseline taken after the imports and one warm-up run of the same case at L <= WARM_L. The warm-up
+Prints one JSON line: the case's result plus `mem_bytes`, the peak RSS during the case minus the
+RSS before it, taken after the imports and one warm-up run of the same case at L <= WARM_L: the
+kernel's peak mark is reset first (/proc/self/clear_refs), or where that is not possible, the
+growth of ru_maxrss over the same baseline (which under-reports below the import peak). The warm-up
 keeps one-time costs out of the number: lazy imports inside the first call (Triton alone adds
 ~150 MB), thread pools, FFT plans. On CUDA the in-process CUDA peak is kept.
 Used by the runner for CPU memory (issue 7: peak RSS of a fresh process per case).
@@ -17,7 +19,7 @@ WARM_L = 64
 def main(argv: list[str]) -> int:
     case = json.loads(argv[0])
     import torch  # noqa: F401  (part of the baseline)
-    from experiments.bench.timing import max_rss_bytes
+    from experiments.bench.timing import max_rss_bytes, reset_peak_rss, rss_now_bytes, rss_peak_bytes
     if case["kind"] == "layer":
         from experiments.bench.layers import Missing, preload, run_layer_case as run
         try:
@@ -28,12 +30,14 @@ def main(argv: list[str]) -> int:
         import kernels  # noqa: F401
         from experiments.bench.ops import run_op_case as run
     run({**case, "L": min(case["L"], WARM_L), "repeats": 1, "budget_s": 0.0})
-    base = max_rss_bytes()
+    exact = reset_peak_rss()
+    base = rss_now_bytes() if exact else max_rss_bytes()
     res = run(case)
     if case["device"] == "cpu" and res.get("status") == "OK":
         res["rss_base_bytes"] = base
         res["warm_L"] = min(case["L"], WARM_L)
-        res["mem_bytes"] = max_rss_bytes() - base
+        res["mem_method"] = "VmHWM - VmRSS after reset" if exact else "ru_maxrss growth"
+        res["mem_bytes"] = (rss_peak_bytes() if exact else max_rss_bytes()) - base
     print(json.dumps(res))
     return 0
 

@@ -32,7 +32,8 @@ def preload(layer: str) -> None:
     importlib.import_module(_MODULE[layer])
 
 
-def build(layer: str, H: int, N: int, *, device: str) -> torch.nn.Module:
+def build(layer: str, H: int, N: int | None, *, device: str) -> torch.nn.Module:
+    """The layer at width H; N (state size) is used by s4d/s4 only (None for attention layers)."""
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
     preload(layer)
@@ -46,17 +47,22 @@ def build(layer: str, H: int, N: int, *, device: str) -> torch.nn.Module:
     return TransformerBlock(H, n_heads=n_heads, pos="rope", device=device)
 
 
-def _forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = m(x)
+def _forward(m: torch.nn.Module, x: torch.Tensor, amp: str) -> torch.Tensor:
+    if amp == "bf16":  # SDPA's flash kernels need 16-bit inputs; the S4 layers keep SSM math in float32
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            out = m(x)
+    else:
+        out = m(x)
     return out[0] if isinstance(out, tuple) else out                                    # (B, L, H)
 
 
 def run_layer_case(case: dict) -> dict:
     """Sanity-check, then time, one (layer, B, H, N, L, mode) case. Keys of `case`: layer, B, H,
-    N, L, mode, device, repeats, budget_s."""
+    N, L, mode, device, repeats, budget_s, amp ("none" | "bf16": autocast around the layer)."""
     from experiments.bench.timing import cuda_peak_bytes, time_fn
     layer, B, H, N, L, mode, device = (case[k] for k in ("layer", "B", "H", "N", "L", "mode", "device"))
-    res = {"kind": "layer", **{k: case[k] for k in ("layer", "B", "H", "N", "L", "mode")}}
+    amp = case.get("amp", "none")
+    res = {"kind": "layer", "amp": amp, **{k: case[k] for k in ("layer", "B", "H", "N", "L", "mode")}}
     try:
         m = build(layer, H, N, device=device)
     except Missing as e:
@@ -70,13 +76,13 @@ def run_layer_case(case: dict) -> dict:
     if mode == "fwd":
         def call():
             with torch.no_grad():
-                return _forward(m, x)
+                return _forward(m, x, amp)
     else:
         x.requires_grad_(True)
         g = torch.randn(B, L, H, generator=gen).to(device)                             # (B, L, H)
 
         def call():
-            return torch.autograd.grad(_forward(m, x), [x] + params, g)
+            return torch.autograd.grad(_forward(m, x, amp), [x] + params, g)
     try:
         out = call()
         outs = [out] if mode == "fwd" else list(out)

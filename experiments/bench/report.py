@@ -10,7 +10,8 @@ import os
 
 def header_line(h: dict) -> str:
     return (f"# device: {h['device_name']} | torch {h['torch']} | triton {h['triton']} | commit {h['commit']} "
-            f"| {h['date']}\n# command: {h['command']}")
+            f"| {h['date']}" + (f" | layers under {h['amp']} autocast" if h.get("amp", "none") != "none" else "")
+            + f"\n# command: {h['command']}")
 
 
 def _ms(r: dict, key: str) -> str:
@@ -52,7 +53,8 @@ def op_table(results: list[dict], *, gpu: bool) -> str:
 
 def layer_table(results: list[dict]) -> str:
     heads = ["layer", "mode", "B", "H", "N", "L", "median ms", "p20 ms", "p80 ms", "peak MiB", "note"]
-    rows = [[r["layer"], r["mode"], str(r["B"]), str(r["H"]), str(r["N"]), str(r["L"]), _ms(r, "median_s"),
+    rows = [[r["layer"], r["mode"], str(r["B"]), str(r["H"]), "-" if r["N"] is None else str(r["N"]), str(r["L"]),
+             _ms(r, "median_s"),
              _ms(r, "p20_s"), _ms(r, "p80_s"), _mib(r), _note(r)] for r in results]
     return _fmt(rows, heads)
 

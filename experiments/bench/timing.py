@@ -105,6 +105,33 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0). Without it, a
+    transient peak during the imports would hide a smaller case's peak. False when unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_kib("VmHWM") <= _proc_status_kib("VmRSS") + 1024
+    except OSError:
+        return False
+
+
+def rss_now_bytes() -> int:
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def rss_peak_bytes() -> int:
+    return _proc_status_kib("VmHWM") * 1024
+
+
 def run_isolated(case: dict, *, timeout_s: float, env: dict | None = None) -> dict:
     """Run one case in a fresh Python process (`python -m experiments.bench.child`) and return its
     result; a crash, an out-of-memory kill or a timeout comes back as a FAILED/TIMEOUT result."""

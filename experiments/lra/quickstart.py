@@ -6,17 +6,20 @@
 3. trains the Transformer with the same preset for comparison,
 4. prints test accuracy next to the majority-class rate of the test split.
 Each model is an ordinary `experiments.lra.train` run in `DIR/<model>` (metrics.jsonl, checkpoints,
-result.json), so `python -m experiments.lra.report DIR` tabulates them too.
+result.json), so `python -m experiments.lra.report DIR` tabulates them too. Config overrides
+(`--model.d_model=32`, `--train.epochs=2`, ...) are passed on to both training runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from experiments.lra import listops, train
+from experiments.lra.config import split_overrides
 
 # The quick-start data: sizes and token lengths (the benchmark uses 96k/2k/2k and 500-2000).
 N_TRAIN, N_VAL, N_TEST = 6000, 500, 1000
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--models", nargs="+", default=["s4d", "transformer"], choices=["s4d", "s4", "transformer"])
     p.add_argument("--max-steps", type=int, default=None, help="cap on training steps per model (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = p.parse_args(rest)
 
     data_dir = generate_data(args.out / "data")
     results = []
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "--out", str(run_dir), "--seed", str(args.seed)]
         if args.max_steps is not None:
             cli += ["--max-steps", str(args.max_steps)]
+        cli += [f"--{key}={value}" for key, value in overrides.items()]
         print(f"\n[quickstart] python -m experiments.lra.train {' '.join(cli)}", flush=True)
         t0 = time.perf_counter()
         res = train.main(cli)

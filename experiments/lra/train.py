@@ -83,12 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
-    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(rest)
-    cfg = apply_overrides(preset_config(args.task, args.model, args.preset), overrides)
+    parser = build_parser()
+    try:
+        rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    except ValueError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    try:
+        cfg = apply_overrides(preset_config(args.task, args.model, args.preset), overrides)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))  # exits with status 2 and the usage line, like any bad argument
     if args.max_steps is not None:
         if args.max_steps < 0:
-            raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
+            parser.error(f"--max-steps must be >= 0, got {args.max_steps}")
         cfg.train.max_steps = args.max_steps
     if args.seed is not None:
         cfg.train.seed = args.seed
@@ -247,7 +254,8 @@ def run(cfg: Config, *, data_dir: Path, out: Path, resume: bool = False) -> dict
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
         lr_lambda, total=total_steps, warmup=warmup, min_frac=cfg.optim.min_lr_frac))
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_acc": -1.0, "best_step": -1, "seconds": 0.0}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_acc": -1.0, "best_step": -1, "val_step": -1,
+             "seconds": 0.0}
     if resume and last_path.exists():
         ckpt = torch.load(last_path, map_location=device, weights_only=False)
         _check_resume_config(ckpt["config"], cfg)
@@ -281,6 +289,7 @@ def run(cfg: Config, *, data_dir: Path, out: Path, resume: bool = False) -> dict
 
     def validate() -> dict:
         res = evaluate(model, eval_loader("val"), device=device, amp=amp, n_classes=info.n_classes, world=world)
+        state["val_step"] = state["step"]
         log.write(split="val", step=state["step"], epoch=state["epoch"], loss=res["loss"], acc=res["acc"])
         if res["acc"] > state["best_val_acc"]:
             state["best_val_acc"], state["best_step"] = res["acc"], state["step"]
@@ -365,7 +374,7 @@ def run(cfg: Config, *, data_dir: Path, out: Path, resume: bool = False) -> dict
         if world > 1:
             dist.barrier()
         return {"interrupted": True, "step": state["step"]}
-    if state["best_step"] < 0 or (stopped and state["best_step"] != state["step"]):
+    if state["val_step"] != state["step"]:
         validate()  # a run cut short by --max-steps has no epoch-end validation of its last weights
     if world > 1:
         dist.barrier()

@@ -56,5 +56,7 @@ def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, *, symmetric: bool
     if R * H * M == 0:
         # Nothing to launch; keep the graph connected so that gradients come back as zeros.
         return (v.sum() * 0 + z.sum() * 0 + w.sum() * 0).expand(*extra, *rows, M).clone()
+    # Lazy conj views are resolved here: their conj bit got lost inside traced custom ops.
+    v, z, w = v.resolve_conj(), z.resolve_conj(), w.resolve_conj()
     out = cauchy_op(v.reshape(R, H, N), z, w.reshape(H, N), symmetric, which)  # (R, H, M)
     return out.reshape(*extra, *rows, M)                                       # (*R, *H, M)

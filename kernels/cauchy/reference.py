@@ -28,7 +28,7 @@ MAX_POINTS = 512
 
 def cauchy_ref(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
     """The readable formula; materializes (..., N, M). v: (..., N), z: (M,), w broadcastable to v."""
-    r = v.unsqueeze(-1) / (z - w.unsqueeze(-1))                            # (..., N, M)
+    r = v.unsqueeze(-1) / (z - w.unsqueeze(-1))                             # (..., N, M)
     if symmetric:
         r = r + v.conj().unsqueeze(-1) / (z - w.conj().unsqueeze(-1))       # (..., N, M)
     return r.sum(dim=-2)                                                    # (..., M)
@@ -39,7 +39,7 @@ def _poles(v: torch.Tensor, w: torch.Tensor, symmetric: bool) -> tuple[torch.Ten
     vh = v.permute(1, 0, 2)                                                 # (H, R, N)
     if symmetric:
         vh = torch.cat([vh, torch.conj_physical(vh)], dim=-1)               # (H, R, 2N)
-        w = torch.cat([w, torch.conj_physical(w)], dim=-1)                                # (H, 2N)
+        w = torch.cat([w, torch.conj_physical(w)], dim=-1)                  # (H, 2N)
     return vh.contiguous(), w.contiguous()
 
 
@@ -80,7 +80,7 @@ def cauchy_chunked_bwd(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, w: 
     M = z.shape[0]
     vh, wp = _poles(v, w, symmetric)                                        # (H, R, P), (H, P)
     P = wp.shape[-1]
-    gh = torch.conj_physical(grad.permute(1, 0, 2)).contiguous()           # (H, R, M): conj(g)
+    gh = torch.conj_physical(grad.permute(1, 0, 2)).contiguous()            # (H, R, M): conj(g)
     # conj(grad_v) = sum_j conj(g) c and conj(T) = sum_j conj(g) c^2, both from one matmul
     # against the stacked tile [c, c^2]; conjugating small results beats conjugating tiles.
     acc = torch.zeros(H, R, 2 * P, dtype=v.dtype, device=v.device)          # (H, R, 2P)
@@ -102,14 +102,14 @@ def cauchy_chunked_bwd(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, w: 
             if need_z:
                 # conj(grad_z) = -sum_{h, p} c^2 * sum_r conj(g) v
                 u = torch.bmm(vh[h0:h1].transpose(1, 2), g)                 # (hb, P, mb)
-                gz[m0:m1] -= (u * c2).sum(dim=(0, 1))                        # (mb,)
+                gz[m0:m1] -= (u * c2).sum(dim=(0, 1))                       # (mb,)
     acc = torch.conj_physical(acc)                                          # (H, R, 2P)
     gv_h = acc[..., :P]                                                     # (H, R, P)
-    gw = (torch.conj_physical(vh) * acc[..., P:]).sum(dim=1)                              # (H, P)
+    gw = (torch.conj_physical(vh) * acc[..., P:]).sum(dim=1)                # (H, P)
     if symmetric:
         # The conjugate half enters through conj(v), conj(w): its gradient is conjugated back.
         gv_h = gv_h[..., :N] + torch.conj_physical(gv_h[..., N:])           # (H, R, N)
-        gw = gw[..., :N] + torch.conj_physical(gw[..., N:])                               # (H, N)
+        gw = gw[..., :N] + torch.conj_physical(gw[..., N:])                 # (H, N)
     gv = gv_h.permute(1, 0, 2).contiguous()                                 # (R, H, N)
     return gv, (torch.conj_physical(gz) if need_z else None), gw.contiguous()
 

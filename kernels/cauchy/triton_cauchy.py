@@ -33,7 +33,7 @@ def _configs(interpreted: dict, gpu: list[dict]) -> list[triton.Config]:
 
 
 _NM_CONFIGS = dict(interpreted={"BLOCK_N": 32, "BLOCK_M": 128},
-                   gpu=[{"BLOCK_N": bn, "BLOCK_M": bm} for bn in (4, 8, 16) for bm in (32, 64, 128)])
+                   gpu=[{"BLOCK_N": bn, "BLOCK_M": bm} for bn in (4, 8) for bm in (64, 128)])
 
 
 @triton.autotune(configs=_configs(**_NM_CONFIGS), key=["N", "M", "R", "SYMMETRIC"])

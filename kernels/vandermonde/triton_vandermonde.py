@@ -162,8 +162,8 @@ def _block_n(N: int) -> int:
 def vandermonde_fwd_triton(v: torch.Tensor, x: torch.Tensor, L: int) -> torch.Tensor:
     """Forward launcher: v, x complex (R, N) -> out real (R, L). No autograd."""
     R, N = v.shape
-    vp = torch.view_as_real(v.contiguous())                       # (R, N, 2)
-    xp = torch.view_as_real(x.contiguous())                       # (R, N, 2)
+    vp = torch.view_as_real(v.resolve_conj().contiguous())                       # (R, N, 2)
+    xp = torch.view_as_real(x.resolve_conj().contiguous())                       # (R, N, 2)
     out = _empty((R, L), dtype=vp.dtype, device=v.device)         # (R, L)
     if R == 0:
         return out
@@ -180,8 +180,8 @@ def vandermonde_bwd_triton(grad: torch.Tensor, v: torch.Tensor, x: torch.Tensor)
     """Backward launcher: grad real (R, L), v, x complex (R, N) -> (grad_v, grad_x) complex (R, N)."""
     R, N = v.shape
     L = grad.shape[-1]
-    vp = torch.view_as_real(v.contiguous())                       # (R, N, 2)
-    xp = torch.view_as_real(x.contiguous())                       # (R, N, 2)
+    vp = torch.view_as_real(v.resolve_conj().contiguous())                       # (R, N, 2)
+    xp = torch.view_as_real(x.resolve_conj().contiguous())                       # (R, N, 2)
     g = grad.to(vp.dtype).contiguous()                            # (R, L)
     gv = _empty(vp.shape, dtype=vp.dtype, device=v.device)        # (R, N, 2)
     gx = _empty(xp.shape, dtype=xp.dtype, device=x.device)        # (R, N, 2)

@@ -82,8 +82,10 @@ class S4(nn.Module):
             Lam, P, B, _ = hippo.nplr(init, d_state)                   # (N2,), (r0, N2), (N2,)
             if rank < P.shape[0]:
                 raise ValueError(f"rank must be >= {P.shape[0]} for init={init!r}, got {rank}")
-            # extra low-rank rows start at zero (then their gradient is zero too: they stay unused)
-            P = torch.cat([P, P.new_zeros(rank - P.shape[0], N2)])     # (r, N2)
+            # extra low-rank rows start small but non-zero (at zero their gradient vanishes, the
+            # correction being quadratic in P); -p p^* only adds damping, so A stays stable
+            extra = torch.randn(rank - P.shape[0], N2, dtype=torch.complex128) * 1e-2
+            P = torch.cat([P, extra])                                  # (r, N2)
             self.P = self._ssm_param(torch.view_as_real(P.expand(H, rank, N2).transpose(0, 1)), f32, ssm_lr)
         self.log_neg_real = self._ssm_param(torch.log(-Lam.real).expand(H, N2), f32, ssm_lr)
         self.imag = self._ssm_param(Lam.imag.expand(H, N2), f32, ssm_lr)
@@ -103,6 +105,15 @@ class S4(nn.Module):
         p = nn.Parameter(t.to(**f32).contiguous().clone())
         p._optim = {"lr": lr, "weight_decay": 0.0}
         return p
+
+    def _apply(self, fn, recurse=True):
+        # `.half()` / `.to(bfloat16)` on a model must not round the SSM: keep those params float32
+        super()._apply(fn, recurse)
+        for name in ("log_neg_real", "imag", "B", "C", "P", "D", "log_dt"):
+            p = getattr(self, name, None)
+            if p is not None and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        return self
 
     # ---- parameters as complex tensors ---------------------------------------------------------
     def _params(self):
@@ -196,6 +207,8 @@ class S4(nn.Module):
         return self._output(y.permute(0, 3, 1, 2).reshape(Bsz, L, c * H)), next_state
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(y.device.type):
+            y = y.to(self.out.weight.dtype)                            # model cast to bf16/fp16/fp64
         y = self.dropout(self.act(y))                                  # (..., c*H)
         return nn.functional.glu(self.out(y), dim=-1)                  # (..., H)
 

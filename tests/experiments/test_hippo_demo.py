@@ -16,7 +16,7 @@ def _restore_threads():
 
 def test_demo_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
-    result = hippo_demo.main(["--out", str(out), "--length", "300", "--N", "4", "16"])
+    result = hippo_demo.main(["--out", str(out), "--length", "300", "--N", "4", "32"])
     printed = capsys.readouterr().out
     assert (out / "hippo_demo.png").stat().st_size > 10_000
     assert (out / "hippo_demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -29,7 +29,7 @@ def test_demo_tiny(tmp_path, capsys):
     for sname in ("smooth", "chirp"):  # smooth signals: more state -> smaller LegT/LegS error
         for m in ("legt", "legs"):
             e = result["errors"][sname][m]
-            assert e[16] < 0.5 * e[4], (sname, m, e)
+            assert e[32] < 0.5 * e[4], (sname, m, e)
 
 
 def test_demo_help(capsys):

@@ -81,6 +81,14 @@ def test_parse_args_cli(tmp_path):
         train.parse_args(["--task", "mnist", "--model", "s4", "--data-dir", str(tmp_path)])
 
 
+def test_cli_rejects_unknown_field(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--task", "listops", "--model", "s4d", "--data-dir", ".", "--model.d_stat=3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown field --model.d_stat; fields of [model]: d_model, n_layers, d_state" in err
+
+
 def test_paper_presets_match_spec():
     # SPEC section 6 table: d_model, d_state, lr, batch, epochs.
     spec = {"listops": (256, 4, 0.01, 32, 40), "text": (256, 4, 0.01, 16, 32), "retrieval": (256, 4, 0.01, 64, 20),
@@ -195,7 +203,7 @@ def test_quickstart_end_to_end_smoke(tmp_path, monkeypatch, capsys):
     # Tiny generated set and two steps per model: checks the wiring and the final table, not accuracy.
     for name, value in (("N_TRAIN", 12), ("N_VAL", 6), ("N_TEST", 6), ("MIN_LENGTH", 10), ("MAX_LENGTH", 40)):
         monkeypatch.setattr(quickstart, name, value)
-    results = quickstart.main(["--out", str(tmp_path), "--max-steps", "2"])
+    results = quickstart.main(["--out", str(tmp_path), "--max-steps", "2", *TINY])
     assert [r["model"] for r in results] == ["s4d", "transformer"] and all(r["steps"] == 2 for r in results)
     out = capsys.readouterr().out
     assert "| s4d |" in out and "| transformer |" in out and "majority class" in out

@@ -142,6 +142,32 @@ def test_extreme_but_valid_inputs(backend):
         assert_within_budget(f, p, t, name=name)
 
 
+@pytest.mark.parametrize("dt", [1e-4, 1e-1])
+def test_s4_frequencies_at_length_65536(dt):
+    # S4 (SPEC 3): points g(z_j) = 2 (1 - z_j) / (1 + z_j) = -2i tan(pi j / L) for the L/2 + 1
+    # non-negative frequencies (j = L/2, the pole of g, is left out), poles dt * Lambda.
+    L, N = 65536, 4
+    j = torch.arange(L // 2, dtype=torch.float64)
+    z = torch.complex(torch.zeros_like(j), -2 * torch.tan(torch.pi * j / L))                 # (M,)
+    n = torch.arange(N, dtype=torch.float64)
+    w = (dt * torch.complex(-0.5 * torch.ones(2, N, dtype=torch.float64), torch.pi * n.expand(2, N)))  # (2, N)
+    v = torch.randn(4, 2, N, dtype=torch.complex128)                                          # (4, 2, N)
+    truth = cauchy_ref(v, z, w, True)
+    plain = cauchy_ref(*(t.to(torch.complex64) for t in (v, z, w)), True)
+    lo = [t.to(torch.complex64) for t in (v, z, w)]
+    for backend in ("torch", "triton"):
+        out = cauchy(*lo, symmetric=True, backend=backend)
+        assert torch.isfinite(torch.view_as_real(out)).all()
+        assert_within_budget(out, plain, truth, name=f"{backend} out")
+    g = torch.randn(4, 2, z.shape[0], dtype=torch.complex128)
+    ref_grads = value_and_grads(lambda a, b, c: cauchy_ref(a, b, c, True), *lo, g)
+    fast_grads = value_and_grads(lambda a, b, c: cauchy(a, b, c, symmetric=True, backend="torch"), *lo, g)
+    true_grads = value_and_grads(lambda a, b, c: cauchy_ref(a, b, c, True), v, z, w, g)
+    for name, f, p, t in zip(("out", "grad_v", "grad_z", "grad_w"), fast_grads, ref_grads, true_grads):
+        assert torch.isfinite(torch.view_as_real(f)).all(), name
+        assert_within_budget(f, p, t, name=name)
+
+
 def test_bad_inputs_raise():
     v, z, w = make_inputs(1, 2, 3, 4, dtype=torch.complex64)
     with pytest.raises(TypeError, match="v must be complex64 or complex128"):
@@ -161,6 +187,10 @@ def test_bad_inputs_raise():
 def test_dispatch(monkeypatch):
     v, z, w = make_inputs(1, 2, 3, 4, dtype=torch.complex64)
     assert torch.equal(kernels.cauchy(v, z, w), cauchy(v, z, w, backend="triton"))
+    for backend in ("torch", "triton"):
+        lazy = cauchy(v.conj(), z.conj(), w.conj(), symmetric=True, backend=backend)
+        assert torch.equal(lazy, cauchy(*(t.conj().resolve_conj() for t in (v, z, w)), symmetric=True,
+                                        backend=backend))
     monkeypatch.setenv("SSMKIT_DISABLE_TRITON", "1")
     with pytest.raises(RuntimeError, match="SSMKIT_DISABLE_TRITON"):
         cauchy(v, z, w, backend="triton")

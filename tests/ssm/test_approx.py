@@ -188,3 +188,15 @@ def test_errors():
         basis("foo", 3, torch.zeros(2))
     assert set(MEASURES) == {"legs", "legt", "lagt", "fout"}
     assert math.isfinite(float(basis("lagt", 3, torch.tensor(5.0)).sum()))
+
+
+def test_gbt_alpha():
+    with pytest.raises(ValueError, match="alpha is required"):
+        HiPPOApprox("legt", 4, method="gbt")
+    with pytest.raises(ValueError, match="alpha is required"):
+        HiPPOApprox("legt", 4, alpha=0.5)
+    f = torch.randn(1, 30, dtype=F64)
+    for measure in ("legs", "legt"):
+        a = HiPPOApprox(measure, 5, method="gbt", alpha=0.5, dtype=F64)(f)
+        b = HiPPOApprox(measure, 5, method="bilinear", dtype=F64)(f)
+        assert_close(a, b)

@@ -224,3 +224,17 @@ def test_errors():
     with pytest.raises(ValueError, match="dt_min"):
         log_dt_init(4, 0.1, 0.01)
     assert set(METHODS) == {"forward_euler", "backward_euler", "bilinear", "gbt", "zoh"}
+
+
+@pytest.mark.parametrize("method", ["bilinear", "zoh"])
+def test_gradients(method):
+    g = torch.Generator().manual_seed(7)
+    lam = torch.complex(-torch.rand(4, generator=g, dtype=F64) - 0.1,
+                        torch.randn(4, generator=g, dtype=F64)).requires_grad_(True)
+    Bd = torch.randn(4, generator=g, dtype=torch.complex128, requires_grad=True)
+    dt = torch.tensor([0.05, 0.3], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, d: discretize_diag(a.expand(2, 4), b, d, method), (lam, Bd, dt))
+    A, B = _stable(3, seed=8)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b, d: discretize(a, b, d, method), (A, B, dt))

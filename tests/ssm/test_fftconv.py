@@ -9,14 +9,15 @@ from tests.utils import assert_close
 
 def _direct_conv(u, k, k_rev=None):
     L = u.shape[-1]
-    y = torch.zeros_like(u)
+    y = torch.zeros(torch.broadcast_shapes(u.shape[:-1], k.shape[:-1]) + (L,), dtype=u.dtype)
+    y = [y[..., i] for i in range(L)]
     for l in range(L):
         for m in range(min(l + 1, k.shape[-1])):
-            y[..., l] += k[..., m] * u[..., l - m]
+            y[l] = y[l] + k[..., m] * u[..., l - m]
         if k_rev is not None:
             for m in range(L - 1 - l):
-                y[..., l] += k_rev[..., m] * u[..., l + 1 + m]
-    return y
+                y[l] = y[l] + k_rev[..., m] * u[..., l + 1 + m]
+    return torch.stack(y, dim=-1)
 
 
 @pytest.mark.parametrize("L", [1, 17, 64])
@@ -91,3 +92,16 @@ def test_dense_state_algebra_matches_recurrence(with_lengths):
     want_state = torch.stack([finals[(int(lengths[b]) if with_lengths else L) - 1][b] for b in range(Bsz)])
     assert_close(dense_next_state(u, Ab, Bb, s0, lengths, chunk=4), want_state, name="next state")
     assert_close(dense_state_response(C, Ab, s0, L, chunk=6), torch.stack(ys, -1), name="zero-input")
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_fftconv_gradients_match_autograd_of_the_direct_sum(bidirectional):
+    u = torch.randn(2, 1, 3, 11, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    k_rev = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True) if bidirectional else None
+    g = torch.randn(2, 2, 3, 11, dtype=torch.float64)
+    inputs = [u, k] + ([k_rev] if bidirectional else [])
+    got = torch.autograd.grad((fftconv(u, k, k_rev) * g).sum(), inputs)
+    want = torch.autograd.grad((_direct_conv(u, k, k_rev) * g).sum(), inputs)
+    for name, a, b in zip(("u", "k", "k_rev"), got, want):
+        assert_close(a, b, dtype=torch.float32, atol=1e-5, name=f"grad {name}")

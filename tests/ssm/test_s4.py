@@ -209,3 +209,12 @@ def test_dt_init_range():
     dt = m.log_dt.exp()
     assert dt.min() >= 1e-3 * (1 - 1e-6) and dt.max() <= 1e-1 * (1 + 1e-6)
     assert math.isclose(float(-m.log_neg_real.detach().exp().mean()), -0.5, rel_tol=1e-6)  # LegS: Re = -1/2
+
+
+def test_half_precision_model_keeps_ssm_params_float32():
+    blk = S4Block(8, d_state=8, mode="dplr", backend="torch").to(torch.bfloat16)
+    for name in ("log_neg_real", "imag", "B", "P", "C", "D", "log_dt"):
+        assert getattr(blk.layer, name).dtype == torch.float32, name
+    assert blk.layer.out.weight.dtype == torch.bfloat16
+    y, _ = blk(torch.randn(2, 16, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
