@@ -92,22 +92,22 @@ def _predict_too_slow(points: list, L: int, max_call_s: float) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # Triton reads TRITON_INTERPRET when first imported: decide before torch/triton are imported.
-    # Outside --smoke the interpreter would make every CPU layer crawl, so it is switched off.
-    cuda_wanted = args.device == "cuda"
-    if not cuda_wanted:
-        os.environ["TRITON_INTERPRET"] = "1" if args.smoke else "0"
-
-    import torch
-    from experiments.bench import report
-    from experiments.bench.layers import run_layer_case
-    from experiments.bench.ops import device_peaks, run_op_case
-    from experiments.bench.timing import env_header, run_isolated
+    import torch  # does not import Triton
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") != ("1" if device == "cpu" and args.smoke else "0"):
+        print("warning: Triton was imported before the runner set TRITON_INTERPRET", file=sys.stderr)
+    # Triton reads TRITON_INTERPRET when first imported. The interpreter runs only in a CPU --smoke:
+    # elsewhere it would make every CPU layer crawl (or interpret kernels on a GPU).
+    os.environ["TRITON_INTERPRET"] = "1" if device == "cpu" and args.smoke else "0"
+
+    from experiments.bench import report
+    from experiments.bench.layers import run_layer_case
+    from experiments.bench.ops import device_peaks, run_op_case
+    from experiments.bench.timing import env_header, run_isolated
     preset = PRESETS["smoke" if args.smoke else device]
     shapes = {k: getattr(args, k) or v for k, v in preset.items()}
     repeats = args.repeats or (3 if args.smoke else 5 if device == "cpu" else 20)
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     header["shapes"] = shapes
     print(report.header_line(header), flush=True)
 
-    cases = []
+    cases = []  # layers first: the targets come from them, so an interrupted run still has them
     for op in args.op:
         for prov in args.providers:
             for mode in args.modes:
@@ -145,8 +145,10 @@ def main(argv=None) -> int:
                     for N in shapes["layer_N"] if layer in ("s4d", "s4") else [None]:
                         for L in sorted(shapes["layer_L"]):
                             cases.append(dict(kind="layer", layer=layer, B=B, H=H, N=N, L=L, mode=mode))
+    cases.sort(key=lambda c: c["kind"] != "layer")  # stable: keeps the order within each kind
     common = dict(device=device, repeats=repeats, budget_s=budget, allow_interpreter=args.smoke,
-                  mem_cap_bytes=mem_cap, peaks=peaks, compile_backend="aot_eager" if args.smoke else "inductor", amp=args.amp)
+                  mem_cap_bytes=mem_cap, peaks=peaks, amp=args.amp,
+                  compile_backend="aot_eager" if args.smoke else "inductor")
     try:
         from tqdm import tqdm
         bar = tqdm(total=len(cases), file=sys.stderr, dynamic_ncols=True)

@@ -1,9 +1,10 @@
 """One benchmark case in a fresh process: `python -m experiments.bench.child '<case json>'`.
 
-Prints one JSON line: the case's result plus `mem_bytes`, the peak RSS during the case minus the
-RSS before it, taken after the imports and one warm-up run of the same case at L <= WARM_L: the
-kernel's peak mark is reset first (/proc/self/clear_refs), or where that is not possible, the
-growth of ru_maxrss over the same baseline (which under-reports below the import peak). The warm-up
+Prints one JSON line: the case's result plus `mem_bytes`, the peak RSS during the timed calls
+minus the RSS just before them. Before that point come the imports, one warm-up run of the same
+case at L <= WARM_L and the case's own correctness check (its ground truth is not counted). The
+kernel's peak mark is reset there (/proc/self/clear_refs); where that is not allowed, the growth
+of ru_maxrss is used instead (it under-reports cases smaller than an earlier peak). The warm-up
 keeps one-time costs out of the number: lazy imports inside the first call (Triton alone adds
 ~150 MB), thread pools, FFT plans. On CUDA the in-process CUDA peak is kept.
 Used by the runner for CPU memory (issue 7: peak RSS of a fresh process per case).
@@ -30,9 +31,14 @@ def main(argv: list[str]) -> int:
         import kernels  # noqa: F401
         from experiments.bench.ops import run_op_case as run
     run({**case, "L": min(case["L"], WARM_L), "repeats": 1, "budget_s": 0.0})
-    exact = reset_peak_rss()
-    base = rss_now_bytes() if exact else max_rss_bytes()
-    res = run(case)
+    mark = {}
+
+    def start_measuring():
+        mark["exact"] = reset_peak_rss()
+        mark["base"] = rss_now_bytes() if mark["exact"] else max_rss_bytes()
+
+    res = run(case, before_timing=start_measuring)
+    exact, base = mark.get("exact", False), mark.get("base", 0)
     if case["device"] == "cpu" and res.get("status") == "OK":
         res["rss_base_bytes"] = base
         res["warm_L"] = min(case["L"], WARM_L)

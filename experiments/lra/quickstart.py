@@ -22,7 +22,7 @@ from experiments.lra import listops, train
 from experiments.lra.config import split_overrides
 
 # The quick-start data: sizes and token lengths (the benchmark uses 96k/2k/2k and 500-2000).
-N_TRAIN, N_VAL, N_TEST = 6000, 500, 1000
+N_TRAIN, N_VAL, N_TEST = 16000, 1000, 1000
 MIN_LENGTH, MAX_LENGTH = 20, 100
 DATA_SEED = 0
 

@@ -408,4 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError) as err:  # missing data / occupied run folder: no traceback
+        sys.exit(f"error: {err}")

@@ -6,9 +6,9 @@ Shapes: v (R, H, N) numerators sharing the poles w (H, N) of row h; z (M,) evalu
 Complex tensors stop at the launchers: kernels read and write interleaved real/imaginary planes
 (`torch.view_as_real`), so element k of a complex tensor lives at float offsets 2k and 2k + 1.
 
-- forward: grid (H, M-blocks); loop over the N poles; per (pole, point) the reciprocal is formed
-  once and multiplied into all R numerators; the symmetric form adds the conjugate pole in the
-  same pass.
+- forward: grid (H, M-blocks); loop over blocks of the N poles; per (pole, point) the reciprocal
+  is formed once and multiplied into all R numerators; the symmetric form adds the conjugate pole
+  in the same pass.
 - backward, v and w: grid (H, N-blocks); each program loops over all M blocks and reduces there.
 - backward, z: grid (M-blocks, row splits); each program reduces over its rows and all poles; the
   partial sums of the splits are added in a fixed order afterwards. No atomics anywhere, so the
@@ -252,7 +252,8 @@ def cauchy_bwd_triton(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, w: t
     g, vp, zp, wp = _planes(grad), _planes(v), _planes(z), _planes(w)
     if need_vw and gv.numel():
         if M == 0:
-            gv.zero_(), gw.zero_()
+            gv.zero_()
+            gw.zero_()
         else:
             grid = lambda meta: (H, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
             _cauchy_bwd_vw_kernel[grid](g, vp, zp, wp, torch.view_as_real(gv), torch.view_as_real(gw),

@@ -4,8 +4,8 @@
 
 Power reuse (SPEC 3): with l = c*T + t (T = BLOCK_T), exp(x l) = exp(x cT) exp(x t). A program
 owns one row and a (BLOCK_C x BLOCK_T) tile of output positions; per block of N terms it builds
-the power table W[n, t] = exp(x_n t) (small phase) and the chunk-start powers E[c, n] = exp(x_n cT)
-(phase formed in float64 and reduced mod 2 pi, so L = 64K keeps float32 accuracy), then the tile is
+the power table W[n, t] = exp(x_n t) and the chunk-start powers E[c, n] = exp(x_n cT) (phases
+formed in float64 and reduced mod 2 pi, so L = 64K keeps float32 accuracy), then the tile is
 the real part of the matrix product (v E) @ W, i.e. two real `tl.dot`s. Transcendentals cost
 N * (BLOCK_C + BLOCK_T) per program instead of N * BLOCK_C * BLOCK_T.
 
@@ -16,8 +16,6 @@ launchers pass `torch.view_as_real` planes (interleaved real, imag).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -27,8 +25,6 @@ from kernels._triton import interpreter_on
 # Test hook: when True the launchers fill outputs with NaN before the kernels run, so an element a
 # kernel forgets to write shows up as NaN.
 POISON_OUTPUTS = False
-
-TWO_PI = 2 * math.pi
 
 
 def _configs():

@@ -152,13 +152,16 @@ def test_s4_frequencies_at_length_65536(dt):
     n = torch.arange(N, dtype=torch.float64)
     w = (dt * torch.complex(-0.5 * torch.ones(2, N, dtype=torch.float64), torch.pi * n.expand(2, N)))  # (2, N)
     v = torch.randn(4, 2, N, dtype=torch.complex128)                                          # (4, 2, N)
-    truth = cauchy_ref(v, z, w, True)
-    plain = cauchy_ref(*(t.to(torch.complex64) for t in (v, z, w)), True)
-    lo = [t.to(torch.complex64) for t in (v, z, w)]
-    for backend in ("torch", "triton"):
+    # Each point is independent (no phase grows with j), so interpreted Triton sees a subset
+    # that keeps the extremes: every 64th point and the last 8 (|z| up to 5e4).
+    subset = torch.cat([torch.arange(0, z.shape[0], 64), torch.arange(z.shape[0] - 8, z.shape[0])])
+    for backend, zb in (("torch", z), ("triton", z[subset])):
+        truth = cauchy_ref(v, zb, w, True)
+        lo = [t.to(torch.complex64) for t in (v, zb, w)]
         out = cauchy(*lo, symmetric=True, backend=backend)
         assert torch.isfinite(torch.view_as_real(out)).all()
-        assert_within_budget(out, plain, truth, name=f"{backend} out")
+        assert_within_budget(out, cauchy_ref(*lo, True), truth, name=f"{backend} out")
+    lo = [t.to(torch.complex64) for t in (v, z, w)]
     g = torch.randn(4, 2, z.shape[0], dtype=torch.complex128)
     ref_grads = value_and_grads(lambda a, b, c: cauchy_ref(a, b, c, True), *lo, g)
     fast_grads = value_and_grads(lambda a, b, c: cauchy(a, b, c, symmetric=True, backend="torch"), *lo, g)

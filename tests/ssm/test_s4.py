@@ -218,3 +218,15 @@ def test_half_precision_model_keeps_ssm_params_float32():
     assert blk.layer.out.weight.dtype == torch.bfloat16
     y, _ = blk(torch.randn(2, 16, 8, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize("mode", ["diag", "dplr"])
+def test_default_backend_path_conv_equals_step(mode):
+    """backend="auto" (the Triton interpreter under the test conftest) at a tiny size."""
+    m = S4(2, 4, mode=mode, dt_min=0.05, dt_max=0.5).eval()
+    x = torch.randn(1, 12, 2)
+    with torch.no_grad():
+        y, _ = m(x)
+    assert_close(_run_steps(m, x, m.default_state(1))[0], y, rtol=1e-5, atol=1e-5, name=f"{mode} auto")
+    m(x)[0].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
