@@ -45,7 +45,7 @@ class _FFTConv(torch.autograd.Function):
     def forward(ctx, u, kk):
         L = u.shape[-1]
         ctx.save_for_backward(u, kk)
-        spec = torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(kk, n=2 * L)   # (..., L+1)
+        spec = torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(kk, n=2 * L)       # (..., L+1)
         return torch.fft.irfft(spec, n=2 * L)[..., :L]                   # (..., L)
 
     @staticmethod
@@ -54,11 +54,14 @@ class _FFTConv(torch.autograd.Function):
         L = u.shape[-1]
         g = torch.fft.rfft(grad, n=2 * L)                                # (..., L+1)
         gu = gk = None
+        # in-place products and contiguous slices: the 2L-long buffers die as soon as possible
         if ctx.needs_input_grad[0]:
-            gu = _sum_to(torch.fft.irfft(g * torch.fft.rfft(kk, n=2 * L).conj(), n=2 * L)[..., :L], u.shape)
+            spec = g * torch.fft.rfft(kk, n=2 * L).conj_physical_()
+            gu = _sum_to(torch.fft.irfft(spec, n=2 * L)[..., :L].contiguous(), u.shape)
+            del spec
         if ctx.needs_input_grad[1]:
-            gk = _sum_to(torch.fft.irfft(g * torch.fft.rfft(u, n=2 * L).conj(), n=2 * L)[..., :kk.shape[-1]],
-                         kk.shape)
+            spec = g.mul_(torch.fft.rfft(u, n=2 * L).conj_physical_())     # g is not needed after this
+            gk = _sum_to(torch.fft.irfft(spec, n=2 * L)[..., :kk.shape[-1]].contiguous(), kk.shape)
         return gu, gk
 
 

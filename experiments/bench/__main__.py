@@ -41,6 +41,7 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--json", metavar="PATH", help="write header + every raw number (rewritten after each case)")
     p.add_argument("--plot", metavar="PATH", help="write log-log PNG plots (time vs L; memory vs L for layers)")
+    p.add_argument("--markdown", metavar="PATH", help="write the results as markdown tables (for BENCHMARKS.md)")
     p.add_argument("--repeats", type=int, default=None, help="max timed repeats per case (default 5 CPU, 20 CUDA)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed repeats per case; fewer repeats when calls are slow (default 3 CPU, 1 CUDA)")
@@ -98,11 +99,12 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") != ("1" if device == "cpu" and args.smoke else "0"):
-        print("warning: Triton was imported before the runner set TRITON_INTERPRET", file=sys.stderr)
     # Triton reads TRITON_INTERPRET when first imported. The interpreter runs only in a CPU --smoke:
     # elsewhere it would make every CPU layer crawl (or interpret kernels on a GPU).
-    os.environ["TRITON_INTERPRET"] = "1" if device == "cpu" and args.smoke else "0"
+    interpret = "1" if device == "cpu" and args.smoke else "0"
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") != interpret:
+        print("warning: Triton was imported before the runner set TRITON_INTERPRET", file=sys.stderr)
+    os.environ["TRITON_INTERPRET"] = interpret
 
     from experiments.bench import report
     from experiments.bench.layers import run_layer_case
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
             res = {**base, **extra, "status": "SKIPPED", "reason": too_slow.get(series, why)}
         elif isolate:
             res = run_isolated(case, timeout_s=args.timeout)
-            res = {**{k: case[k] for k in ("kind", "op", "provider", "layer", "B", "H", "N", "L", "mode") if k in case}, **res}
+            keys = ("kind", "op", "provider", "layer", "B", "H", "N", "L", "mode")
+            res = {**{k: case[k] for k in keys if k in case}, **res}
         else:
             res = run_op_case(case) if case["kind"] == "op" else run_layer_case(case)
         if res.get("status") == "OK":
@@ -205,6 +208,10 @@ def main(argv=None) -> int:
     if args.json:
         report.write_json(args.json, header, results)
         print(f"\nJSON: {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(header, results) + "\n")
+        print(f"markdown: {args.markdown}")
     if args.plot:
         print(f"plot: {args.plot}" if report.plot(args.plot, header, results) else "plot: nothing measured, no PNG")
     failed = [r for r in results if r["status"] in ("FAILED", "TIMEOUT")]

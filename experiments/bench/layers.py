@@ -71,8 +71,8 @@ def run_layer_case(case: dict, *, before_timing=None) -> dict:
     except Exception as e:
         return {**res, "status": "FAILED", "reason": f"construction raised {type(e).__name__}: {str(e)[:200]}"}
     res["params"] = sum(p.numel() for p in m.parameters())
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(B, L, H, generator=gen).to(device)                                 # (B, L, H)
+    gen = torch.Generator(device).manual_seed(0)  # on the device: no multi-GB host copies
+    x = torch.randn(B, L, H, generator=gen, device=device)                             # (B, L, H)
     params = [p for p in m.parameters() if p.requires_grad]
     if mode == "fwd":
         def call():
@@ -80,7 +80,7 @@ def run_layer_case(case: dict, *, before_timing=None) -> dict:
                 return _forward(m, x, amp)
     else:
         x.requires_grad_(True)
-        g = torch.randn(B, L, H, generator=gen).to(device)                             # (B, L, H)
+        g = torch.randn(B, L, H, generator=gen, device=device)                         # (B, L, H)
 
         def call():
             return torch.autograd.grad(_forward(m, x, amp), [x] + params, g)

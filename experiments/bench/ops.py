@@ -7,7 +7,8 @@ The ops (SPEC sections 3 and 4), at width H, real state size N (N/2 complex term
 - fftconv: causal y = irfft(rfft(u, 2L) rfft(K, 2L))[:L], u (1, H, L), K (H, L) real.
 Providers: `triton`, `torch` (the library's reference backend: chunked, never O(H N L)), `plain`
 (the materializing PyTorch formula most public code uses; for fftconv the direct O(L^2)
-convolution), `compile` (torch.compile of `plain`), `pykeops` (only when it is importable).
+convolution), `compile` (torch.compile of `plain`), `pykeops` (vandermonde and cauchy as KeOps
+reductions in real arithmetic; only when pykeops is importable).
 Every provider is checked against complex128 ground truth on the first rows before it is timed.
 """
 from __future__ import annotations
@@ -175,9 +176,49 @@ def _compiled(op: str, backend: str):
 
 
 def _pykeops_provider(op: str):
+    if op == "fftconv":
+        raise Unavailable("no KeOps formula for fftconv (it is torch.fft)")
     if importlib.util.find_spec("pykeops") is None:
         raise Unavailable("pykeops is not installed")
-    raise Unavailable("pykeops is installed but no KeOps formula is written for this op yet (issue 7)")
+    return _keops_vandermonde if op == "vandermonde" else _keops_cauchy
+
+
+def _lazy(t: torch.Tensor, shape):
+    """A KeOps LazyTensor over a contiguous copy of t viewed as `shape` (batch, i, j, dim)."""
+    from pykeops.torch import LazyTensor
+    return LazyTensor(t.contiguous().view(*shape))
+
+
+def _keops_vandermonde(inp: dict) -> torch.Tensor:
+    """2 sum_n exp(a_n l) (Re v_n cos(b_n l) - Im v_n sin(b_n l)), x = a + ib, in real arithmetic
+    (KeOps has no complex type); batch dim H, i-variable l, j-variable n."""
+    v, x, L = inp["v"], inp["x"], inp["L"]
+    H, Nc = v.shape
+    l = _lazy(torch.arange(L, dtype=x.real.dtype, device=x.device), (1, L, 1, 1))       # i: (1, L, 1, 1)
+    a, b, vr, vi = (_lazy(t, (H, 1, Nc, 1)) for t in (x.real, x.imag, v.real, v.imag))  # j: (H, 1, Nc, 1)
+    phase = b * l
+    return 2 * ((a * l).exp() * (vr * phase.cos() - vi * phase.sin())).sum(dim=2).view(H, L)  # (H, L)
+
+
+def _keops_cauchy(inp: dict) -> torch.Tensor:
+    """Symmetric Cauchy sum with the R numerators as a vector dimension: 1/(z - w) once per
+    (j, n) pole, real and imaginary parts of all R outputs in one reduction."""
+    v, z, w = inp["v"], inp["z"], inp["w"]
+    R, H, Nc = v.shape
+    M = z.shape[0]
+    zr, zi = (_lazy(t, (1, M, 1, 1)) for t in (z.real, z.imag))                           # i: (1, M, 1, 1)
+    wr, wi = (_lazy(t, (H, 1, Nc, 1)) for t in (w.real, w.imag))                          # j: (H, 1, Nc, 1)
+    vr, vi = (_lazy(t.permute(1, 2, 0), (H, 1, Nc, R)) for t in (v.real, v.imag))        # j: (H, 1, Nc, R)
+    dr = zr - wr
+    re, im = 0, 0
+    for sign in (1, -1):  # pole w, then conj(w) with numerator conj(v)
+        di = zi - sign * wi
+        den = dr * dr + di * di
+        ir, ii = dr / den, -di / den
+        re = re + vr * ir - sign * vi * ii
+        im = im + vr * ii + sign * vi * ir
+    out = re.concat(im).sum(dim=2)                                                          # (H, M, 2R)
+    return torch.complex(out[..., :R], out[..., R:]).permute(2, 0, 1)                      # (R, H, M)
 
 
 def plain_bytes(op: str, H: int, N: int, L: int) -> int:

@@ -30,7 +30,8 @@ def _note(r: dict) -> str:
 
 def _fmt(rows: list[list[str]], heads: list[str]) -> str:
     widths = [max(len(x) for x in col) for col in zip(heads, *rows)]
-    line = (lambda cells: "  ".join(c.rjust(w) if i < len(cells) - 1 else c for i, (c, w) in enumerate(zip(cells, widths))))
+    def line(cells):
+        return "  ".join(c.rjust(w) if i < len(cells) - 1 else c for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -89,7 +90,8 @@ def targets(results: list[dict], *, device: str) -> list[str]:
         out.append(f"s4d vs attention ({desc}): not measured")
     else:
         ratio = a["median_s"] / s["median_s"]
-        line = f"s4d vs attention ({desc}): {s['median_s']:.3f} s vs {a['median_s']:.3f} s, {ratio:.1f}x (target >= 10x)"
+        line = (f"s4d vs attention ({desc}): {s['median_s']:.3f} s vs {a['median_s']:.3f} s, "
+                f"{ratio:.1f}x (target >= 10x)")
         if device != "cpu" and s.get("mem_bytes") and a.get("mem_bytes"):
             line += f"; memory {s['mem_bytes'] / a['mem_bytes']:.3f} of attention's (target <= 0.1)"
         out.append(line + (": MET" if ratio >= 10 else ": MISSED"))
@@ -122,7 +124,8 @@ def plot(path: str, header: dict, results: list[dict]) -> bool:
                 lab = r["provider"] + (f" H={r['H']} N={r['N']}" if multi else "")
                 series.setdefault(lab, []).append((r["L"], r["median_s"]))
             if series:
-                panels.append((f"{op} {mode}" + ("" if multi else f" (H={rs[0]['H']}, N={rs[0]['N']})"), "time (s)", series))
+                title = f"{op} {mode}" + ("" if multi else f" (H={rs[0]['H']}, N={rs[0]['N']})")
+                panels.append((title, "time (s)", series))
     for mode in ("fwd", "fwdbwd"):
         rs = [r for r in ok if r["kind"] == "layer" and r["mode"] == mode]
         for what, key, unit in (("time", "median_s", "time (s)"), ("peak memory", "mem_bytes", "memory (MiB)")):
@@ -158,3 +161,32 @@ def plot(path: str, header: dict, results: list[dict]) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def markdown(header: dict, results: list[dict]) -> str:
+    """Tables for BENCHMARKS.md: one row per (op, provider, mode) or (layer, mode), one column per
+    L; cells are median ms (layers: median ms / peak MiB), or the status when not measured."""
+    def cell(r, mem):
+        if r is None:
+            return ""
+        if r.get("status") != "OK":
+            return r.get("status", "").lower()
+        t = f"{r['median_s'] * 1e3:.4g}"
+        return t + (f" / {r['mem_bytes'] / 2**20:.4g}" if mem and r.get("mem_bytes") is not None else "")
+
+    out = [f"Device: {header['device_name']}; torch {header['torch']}; triton {header['triton']}; "
+           f"commit {header['commit']}; {header['date']}", f"Command: `{header['command']}`", ""]
+    for kind, keys, mem, unit in (("op", ("op", "H", "N", "provider", "mode"), False, "median ms"),
+                                  ("layer", ("layer", "B", "H", "N", "mode"), True, "median ms / peak MiB")):
+        rows = [r for r in results if r.get("kind") == kind]
+        if not rows:
+            continue
+        Ls = sorted({r["L"] for r in rows})
+        out += [f"| {' | '.join(keys)} | " + " | ".join(f"L={L} ({unit})" for L in Ls) + " |",
+                "|" + "---|" * (len(keys) + len(Ls))]
+        for key in dict.fromkeys(tuple(r.get(k) for k in keys) for r in rows):
+            by_L = {r["L"]: r for r in rows if tuple(r.get(k) for k in keys) == key}
+            out.append("| " + " | ".join("-" if k is None else str(k) for k in key) + " | "
+                       + " | ".join(cell(by_L.get(L), mem) for L in Ls) + " |")
+        out.append("")
+    return "\n".join(out)

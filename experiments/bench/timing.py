@@ -28,7 +28,8 @@ def env_header(device: str) -> dict:
     if device == "cuda":
         name = torch.cuda.get_device_name(0)
     else:
-        name = f"cpu {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        name = (f"cpu {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                f"{torch.get_num_threads()} threads")
     try:
         import triton
         triton_version = triton.__version__

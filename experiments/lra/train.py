@@ -156,9 +156,9 @@ def _all_sum(values: list[float], device: torch.device, world: int) -> list[floa
 
 @torch.no_grad()
 def evaluate(model, loader, *, device, amp: bool, n_classes: int, world: int) -> dict:
-    """Loss, accuracy and label histogram over the loader (summed across ranks)."""
+    """Loss, accuracy, majority-class rate and mean real length over the loader (summed across ranks)."""
     model.eval()
-    loss_sum, correct, count = 0.0, 0.0, 0.0
+    loss_sum, correct, count, len_sum = 0.0, 0.0, 0.0, 0.0
     hist = torch.zeros(n_classes, dtype=torch.float64)
     for x, lengths, y in loader:
         x, lengths, y = x.to(device), lengths.to(device), y.to(device)
@@ -168,11 +168,13 @@ def evaluate(model, loader, *, device, amp: bool, n_classes: int, world: int) ->
         loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += float((logits.argmax(-1) == y).sum())
         count += y.numel()
+        len_sum += float(lengths.float().mean(-1).sum()) if lengths.dim() == 2 else float(lengths.sum())
         hist += torch.bincount(y.cpu(), minlength=n_classes).double()
-    stats = _all_sum([loss_sum, correct, count] + hist.tolist(), device, world)
-    loss_sum, correct, count, hist = stats[0], stats[1], stats[2], stats[3:]
+    stats = _all_sum([loss_sum, correct, count, len_sum] + hist.tolist(), device, world)
+    loss_sum, correct, count, len_sum, hist = stats[0], stats[1], stats[2], stats[3], stats[4:]
     count = max(count, 1.0)
-    return {"loss": loss_sum / count, "acc": correct / count, "n": int(count), "majority": max(hist) / count}
+    return {"loss": loss_sum / count, "acc": correct / count, "n": int(count), "majority": max(hist) / count,
+            "mean_len": len_sum / count}
 
 
 class _MetricsLog:
@@ -263,8 +265,8 @@ def run(cfg: Config, *, data_dir: Path, out: Path, resume: bool = False) -> dict
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         state.update(ckpt["state"])
-        _set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == world
-                       else ckpt["rng"])
+        rng = ckpt["rng"]  # a list (one per rank) when saved by a distributed run
+        _set_rng_state(rng[rank % len(rng)] if isinstance(rng, list) else rng)
     else:
         if resume and main_proc:
             print(f"--resume: no checkpoint at {last_path}; starting a new run", flush=True)
@@ -364,7 +366,8 @@ def run(cfg: Config, *, data_dir: Path, out: Path, resume: bool = False) -> dict
                 break
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-            validate()
+            if state["val_step"] != state["step"]:  # eval_every may have just validated these weights
+                validate()
             save(last_path)
     finally:
         for sig, handler in old_handlers.items():
@@ -384,6 +387,7 @@ def run(cfg: Config, *, data_dir: Path, out: Path, resume: bool = False) -> dict
     log.write(split="test", step=best["state"]["step"], loss=test["loss"], acc=test["acc"])
     result = {"task": cfg.task, "model": cfg.model_name, "preset": cfg.preset, "test_acc": test["acc"],
               "test_loss": test["loss"], "n_test": test["n"], "majority_rate": test["majority"],
+              "test_mean_len": test["mean_len"],
               "best_val_acc": state["best_val_acc"], "best_step": state["best_step"], "steps": state["step"],
               "epochs_done": state["epoch"], "train_seconds": state["seconds"], "completed": not stopped,
               "n_params": sum(p.numel() for p in model.parameters()), "config": cfg.to_dict()}

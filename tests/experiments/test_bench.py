@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from experiments.bench import ops, report
 from experiments.bench.__main__ import _predict_too_slow, parse_args
@@ -15,9 +14,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_smoke_writes_table_json_and_plot(tmp_path):
-    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    out_json, out_png, out_md = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
     proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--smoke", "--json", str(out_json),
-                           "--plot", str(out_png)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--plot", str(out_png), "--markdown", str(out_md)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.startswith("# device: cpu")
     for section in ("## operators", "## layers", "median ms"):
@@ -41,6 +41,8 @@ def test_smoke_writes_table_json_and_plot(tmp_path):
     first = next(r for r in rows if r["kind"] == "layer")
     assert first["status"] == "OK" and "rss_base_bytes" in first and first["mem_bytes"] >= 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = out_md.read_text()
+    assert "| op | H | N | provider | mode |" in md and "| layer | B | H | N | mode |" in md
 
 
 def _case(provider="plain", mode="fwdbwd", op="vandermonde"):
@@ -123,3 +125,11 @@ def test_slow_series_are_skipped_by_prediction():
     assert _predict_too_slow(pts, 4096, 10.0) is None
     assert "32 s" in _predict_too_slow(pts, 8192, 10.0)
     assert _predict_too_slow([], 8192, 10.0) is None
+
+
+@pytest.mark.slow  # KeOps compiles each formula and gradient on first use (~2 min on 2 cores)
+@pytest.mark.parametrize("op", ["vandermonde", "cauchy"])
+def test_pykeops_provider_passes_the_guard(op):
+    pytest.importorskip("pykeops")
+    res = ops.run_op_case(_case(provider="pykeops", op=op))
+    assert res["status"] == "OK", res.get("reason")

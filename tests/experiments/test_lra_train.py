@@ -133,6 +133,7 @@ def test_one_step_every_task_and_model(task, model, fixture_root, tmp_path):
                       "--max-steps", "1", *TINY, *extra])
     assert res["steps"] == 1 and not res["completed"]
     assert 0.0 <= res["test_acc"] <= 1.0 and math.isfinite(res["test_loss"]) and res["n_test"] > 0
+    assert 0.0 < res["majority_rate"] <= 1.0 and res["test_mean_len"] >= 1
     assert json.loads((out / "result.json").read_text())["test_acc"] == res["test_acc"]
     rows = _metrics(out)
     first = [r for r in rows if r["split"] == "train"][0]
