@@ -165,7 +165,9 @@ def preset_config(task: str, model: str, preset: str = "cpu-small") -> Config:
         return cfg
     max_len, d_model, n_layers, batch, epochs, lr = _CPU_SMALL[task]
     cfg.data = dataclasses.replace(cfg.data, max_len=max_len, batch_size=batch)
-    cfg.train = dataclasses.replace(cfg.train, epochs=epochs, log_every=10)
+    # One thread: on a shared 2-core machine two OpenMP threads per process ran 10x slower than one
+    # (60 S4D ListOps steps: 144 s vs 14 s at load ~5).
+    cfg.train = dataclasses.replace(cfg.train, epochs=epochs, log_every=10, threads=1)
     cfg.optim = dataclasses.replace(cfg.optim, lr=lr, weight_decay=0.05, warmup_frac=0.05)
     if model == "transformer":
         cfg.model = dataclasses.replace(cfg.model, d_model=d_model, n_layers=n_layers, n_heads=4,

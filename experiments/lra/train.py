@@ -206,8 +206,6 @@ def run(cfg: Config, *, data_dir: Path, out: Path, resume: bool = False) -> dict
     from experiments.lra.data import collate, load_task, task_info
 
     rank, world, device = _setup_device(cfg)
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
     main_proc = rank == 0
     out.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -404,9 +402,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.print_config:
         print(format_config(cfg))
         return {}
+    threads = torch.get_num_threads()
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
     try:
         return run(cfg, data_dir=args.data_dir, out=args.out, resume=args.resume)
     finally:
+        torch.set_num_threads(threads)  # callers in the same process keep their setting
         if dist.is_initialized():
             dist.destroy_process_group()
 
