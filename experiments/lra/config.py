@@ -121,7 +121,7 @@ _TRANSFORMER_PAPER = {
 # cpu-small: sequence cap, d_model, layers, batch, epochs, lr. The ListOps row is what
 # `experiments.lra.quickstart` trains (16k generated sequences of 20-100 tokens, ~5 min on 2 cores).
 _CPU_SMALL = {
-    "listops": (512, 64, 4, 32, 2, 1e-2),
+    "listops": (512, 64, 4, 32, 4, 1e-2),
     "text": (1024, 64, 2, 16, 2, 4e-3),
     "retrieval": (1024, 64, 2, 16, 2, 4e-3),
     "image": (1024, 64, 2, 32, 2, 4e-3),
