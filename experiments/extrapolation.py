@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m experiments.extrapolation", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                    help="tiny: seconds (smoke test); cpu: about 10 minutes on 2 cores; gpu: larger, on CUDA")
+                    help="tiny: seconds (smoke test); cpu: about 2 minutes on an idle 2-core machine (under 10 when shared); gpu: larger, on CUDA")
     ap.add_argument("--out", required=True, type=Path, help="results folder")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     for f in dataclasses.fields(Config):

@@ -119,7 +119,8 @@ _TRANSFORMER_PAPER = {
     "pathx": (4, 4, 32, 32, "mean", "sinusoidal"),
 }
 # cpu-small: sequence cap, d_model, layers, batch, epochs, lr. The ListOps row is what
-# `experiments.lra.quickstart` trains (16k generated sequences of 20-100 tokens, ~5 min on 2 cores).
+# `experiments.lra.quickstart` trains (16k generated sequences of 20-100 tokens): 2000 S4D steps
+# took 4.2 min on 2 cores (54.9% test accuracy, majority class 15.6%).
 _CPU_SMALL = {
     "listops": (512, 64, 4, 32, 4, 1e-2),
     "text": (1024, 64, 2, 16, 2, 4e-3),

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"\n[quickstart] python -m experiments.lra.train {' '.join(cli)}", flush=True)
         t0 = time.perf_counter()
         res = train.main(cli)
+        if res.get("interrupted"):
+            print(f"[quickstart] interrupted; continue with: python -m experiments.lra.train {' '.join(cli)} --resume")
+            sys.exit(130)
         res["wall_seconds"] = time.perf_counter() - t0
         results.append(res)
 
