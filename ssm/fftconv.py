@@ -37,31 +37,34 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 class _FFTConv(torch.autograd.Function):
     """Circular convolution of zero-padded u (..., L) with a length-2L filter, first L outputs.
 
-    Saves only u and the filter; the backward recomputes the spectra (two correlations by FFT),
-    which keeps fwd+bwd memory at a few (..., L)-sized buffers instead of every spectrum.
+    Saves the two spectra (complex, (..., L+1) each: about the size of u and the filter) so the
+    backward needs one forward FFT (of the gradient) instead of three; the spectra are consumed
+    in place so the 2L-long buffers die as soon as possible.
     """
 
     @staticmethod
     def forward(ctx, u, kk):
         L = u.shape[-1]
-        ctx.save_for_backward(u, kk)
-        spec = torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(kk, n=2 * L)       # (..., L+1)
-        return torch.fft.irfft(spec, n=2 * L)[..., :L]                   # (..., L)
+        u_f = torch.fft.rfft(u, n=2 * L)                                   # (..., L+1)
+        k_f = torch.fft.rfft(kk, n=2 * L)                                  # (..., L+1)
+        ctx.save_for_backward(u_f, k_f)
+        ctx.shapes = (u.shape, kk.shape)
+        return torch.fft.irfft(u_f * k_f, n=2 * L)[..., :L]               # (..., L)
 
     @staticmethod
     def backward(ctx, grad):
-        u, kk = ctx.saved_tensors
-        L = u.shape[-1]
+        u_f, k_f = ctx.saved_tensors
+        u_shape, k_shape = ctx.shapes
+        L = u_shape[-1]
         g = torch.fft.rfft(grad, n=2 * L)                                # (..., L+1)
         gu = gk = None
-        # in-place products and contiguous slices: the 2L-long buffers die as soon as possible
         if ctx.needs_input_grad[0]:
-            spec = g * torch.fft.rfft(kk, n=2 * L).conj_physical_()
-            gu = _sum_to(torch.fft.irfft(spec, n=2 * L)[..., :L].contiguous(), u.shape)
+            spec = g * k_f.conj()                                          # (..., L+1)
+            gu = _sum_to(torch.fft.irfft(spec, n=2 * L)[..., :L].contiguous(), u_shape)
             del spec
         if ctx.needs_input_grad[1]:
-            spec = g.mul_(torch.fft.rfft(u, n=2 * L).conj_physical_())     # g is not needed after this
-            gk = _sum_to(torch.fft.irfft(spec, n=2 * L)[..., :kk.shape[-1]].contiguous(), kk.shape)
+            spec = g.mul_(u_f.conj())                                      # g is not needed after this
+            gk = _sum_to(torch.fft.irfft(spec, n=2 * L)[..., :k_shape[-1]].contiguous(), k_shape)
         return gu, gk
 
 

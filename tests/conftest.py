@@ -31,5 +31,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    # Seed every test; restore torch's thread count, which some entry points under test change.
     torch.manual_seed(0)
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    """Run single-threaded: step-by-step recurrences are thousands of tiny ops where extra
+    intra-op threads only add synchronization. Use with `pytest.mark.usefixtures("one_thread")`."""
+    torch.set_num_threads(1)

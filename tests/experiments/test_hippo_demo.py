@@ -7,13 +7,6 @@ import torch
 from experiments import hippo_demo
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()  # main() switches to one thread for its loops
-    yield
-    torch.set_num_threads(n)
-
-
 def test_demo_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
     result = hippo_demo.main(["--out", str(out), "--length", "300", "--N", "4", "32"])

@@ -13,14 +13,7 @@ from tests.utils import assert_close
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Step-by-step recurrences are thousands of tiny ops; extra intra-op threads only add
-    # synchronization (badly so on a loaded machine), so these tests run single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _smooth(L):
