@@ -60,7 +60,7 @@ def run_layer_case(case: dict, *, before_timing=None) -> dict:
     """Sanity-check, then time, one (layer, B, H, N, L, mode) case. Keys of `case`: layer, B, H,
     N, L, mode, device, repeats, budget_s, amp ("none" | "bf16": autocast around the layer).
     `before_timing` runs after the first (checked) call, before the timed ones."""
-    from experiments.bench.timing import cuda_peak_bytes, time_fn
+    from experiments.bench.timing import time_case
     layer, B, H, N, L, mode, device = (case[k] for k in ("layer", "B", "H", "N", "L", "mode", "device"))
     amp = case.get("amp", "none")
     res = {"kind": "layer", "amp": amp, **{k: case[k] for k in ("layer", "B", "H", "N", "L", "mode")}}
@@ -92,13 +92,10 @@ def run_layer_case(case: dict, *, before_timing=None) -> dict:
         if not all(bool(torch.isfinite(t).all()) for t in outs):
             return {**res, "status": "FAILED", "reason": "non-finite output or gradient"}
         del out, outs
-        if before_timing is not None:
-            before_timing()
-        res.update(time_fn(call, device=device, repeats=case["repeats"], budget_s=case["budget_s"], warmup=0))
-        if device == "cuda":
-            res["mem_bytes"] = cuda_peak_bytes(call)
     except torch.cuda.OutOfMemoryError:
         return {**res, "status": "OOM", "reason": "CUDA out of memory"}
     except Exception as e:
         return {**res, "status": "FAILED", "reason": f"{type(e).__name__}: {str(e)[:200]}"}
-    return {**res, "status": "OK"}
+    if before_timing is not None:
+        before_timing()
+    return time_case(res, call, device=device, case=case)

@@ -353,7 +353,7 @@ def run_op_case(case: dict, *, before_timing: Callable[[], None] | None = None) 
     N, L, mode, device, repeats, budget_s, allow_interpreter, mem_cap_bytes, flop_cap, peaks,
     compile_backend. `before_timing` runs after the check's tensors are freed (the fresh-process
     runner starts its memory measurement there, so the ground truth is not counted)."""
-    from experiments.bench.timing import cuda_peak_bytes, time_fn
+    from experiments.bench.timing import time_case
     op, H, N, L, mode, device = (case[k] for k in ("op", "H", "N", "L", "mode", "device"))
     res = {"kind": "op", **{k: case[k] for k in ("op", "provider", "H", "N", "L", "mode")}}
     try:
@@ -389,17 +389,12 @@ def run_op_case(case: dict, *, before_timing: Callable[[], None] | None = None) 
         call = (lambda: torch.autograd.grad(fn(inp), [inp[k] for k in names], g))
     else:
         call = (lambda: fn(inp))
-    try:
-        # the check above already ran this exact call once: it is the warm-up (compilation included)
-        res.update(time_fn(call, device=device, repeats=case["repeats"], budget_s=case["budget_s"], warmup=0))
-        if device == "cuda":
-            res["mem_bytes"] = cuda_peak_bytes(call)
-    except torch.cuda.OutOfMemoryError:
-        return {**res, "status": "OOM", "reason": "CUDA out of memory"}
-    except Exception as e:
-        return {**res, "status": "FAILED", "reason": f"timing raised {type(e).__name__}: {str(e)[:200]}"}
+    # the check above already ran this exact call once: it is the warm-up (compilation included)
+    res = time_case(res, call, device=device, case=case)
+    if res["status"] != "OK":
+        return res
     flops, nbytes = counts(op, H, N, L, mode)
-    res.update(status="OK", flops=flops, bytes=nbytes, flop_per_s=flops / res["median_s"],
+    res.update(flops=flops, bytes=nbytes, flop_per_s=flops / res["median_s"],
                bytes_per_s=nbytes / res["median_s"])
     peaks = case.get("peaks")
     if peaks:

@@ -101,6 +101,22 @@ def cuda_peak_bytes(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def time_case(res: dict, call: Callable[[], object], *, device: str, case: dict) -> dict:
+    """Time `call` (already run once: that was the warm-up) into `res`; on CUDA add its peak memory.
+
+    Returns `res` with status OK, or a copy with status OOM / FAILED and the reason.
+    """
+    try:
+        res.update(time_fn(call, device=device, repeats=case["repeats"], budget_s=case["budget_s"], warmup=0))
+        if device == "cuda":
+            res["mem_bytes"] = cuda_peak_bytes(call)
+    except torch.cuda.OutOfMemoryError:
+        return {**res, "status": "OOM", "reason": "CUDA out of memory"}
+    except Exception as e:
+        return {**res, "status": "FAILED", "reason": f"timing raised {type(e).__name__}: {str(e)[:200]}"}
+    return {**res, "status": "OK"}
+
+
 def max_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
