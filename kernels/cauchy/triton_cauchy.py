@@ -36,6 +36,13 @@ _NM_CONFIGS = dict(interpreted={"BLOCK_N": 32, "BLOCK_M": 128},
                    gpu=[{"BLOCK_N": bn, "BLOCK_M": bm} for bn in (4, 8) for bm in (64, 128)])
 
 
+@triton.jit
+def _recip(d_re, d_im):
+    """1 / (d_re + i d_im) as (real, imaginary) parts."""
+    inv = 1.0 / (d_re * d_re + d_im * d_im)
+    return d_re * inv, -d_im * inv
+
+
 @triton.autotune(configs=_configs(**_NM_CONFIGS), key=["N", "M", "R", "SYMMETRIC"])
 @triton.jit
 def _cauchy_fwd_kernel(v_ptr, z_ptr, w_ptr, out_ptr, H, N, M,
@@ -63,23 +70,34 @@ def _cauchy_fwd_kernel(v_ptr, z_ptr, w_ptr, out_ptr, H, N, M,
         # Padded lanes may put a pole on a point (z = 0 is common): Re(z - w) := 1 keeps their
         # reciprocal finite, and their zero numerators make them add nothing.
         d_re = tl.where(mask_n[:, None] & mask_m[None, :], z_re - w_re, 1.0)
-        d_im = z_im - w_im
-        inv = 1.0 / (d_re * d_re + d_im * d_im)
-        c_re = (d_re * inv)[None, :, :]
-        c_im = (-d_im * inv)[None, :, :]
+        c_re, c_im = _recip(d_re, z_im - w_im)
+        c_re = c_re[None, :, :]
+        c_im = c_im[None, :, :]
         acc_re += tl.sum(v_re * c_re - v_im * c_im, axis=1)
         acc_im += tl.sum(v_re * c_im + v_im * c_re, axis=1)
         if SYMMETRIC:
-            e_im = z_im + w_im
-            inv2 = 1.0 / (d_re * d_re + e_im * e_im)
-            c2_re = (d_re * inv2)[None, :, :]
-            c2_im = (-e_im * inv2)[None, :, :]
+            c2_re, c2_im = _recip(d_re, z_im + w_im)
+            c2_re = c2_re[None, :, :]
+            c2_im = c2_im[None, :, :]
             acc_re += tl.sum(v_re * c2_re + v_im * c2_im, axis=1)
             acc_im += tl.sum(v_re * c2_im - v_im * c2_re, axis=1)
     o = offs_r.to(tl.int64)[:, None] * (H * M) + pid_h * M + offs_m[None, :]
     mask = mask_r[:, None] & mask_m[None, :]
     tl.store(out_ptr + 2 * o, acc_re, mask=mask)
     tl.store(out_ptr + 2 * o + 1, acc_im, mask=mask)
+
+
+@triton.jit
+def _grad_sums(g_re, g_im, d_re, d_im):
+    """With c = 1/d (d: (BLOCK_N, BLOCK_M) pole-to-point differences) and g (BLOCK_R, 1, BLOCK_M):
+    (sum_j g conj(c), sum_j g conj(c^2)) as real/imaginary parts, each (BLOCK_R, BLOCK_N)."""
+    c_re, c_im = _recip(d_re, d_im)
+    s_re = (c_re * c_re - c_im * c_im)[None, :, :]
+    s_im = (2.0 * c_re * c_im)[None, :, :]
+    c_re = c_re[None, :, :]
+    c_im = c_im[None, :, :]
+    return (tl.sum(g_re * c_re + g_im * c_im, axis=2), tl.sum(g_im * c_re - g_re * c_im, axis=2),
+            tl.sum(g_re * s_re + g_im * s_im, axis=2), tl.sum(g_im * s_re - g_re * s_im, axis=2))
 
 
 @triton.autotune(configs=_configs(**_NM_CONFIGS), key=["N", "M", "R", "SYMMETRIC"])
@@ -95,10 +113,9 @@ def _cauchy_bwd_vw_kernel(g_ptr, v_ptr, z_ptr, w_ptr, gv_ptr, gw_ptr, H, N, M,
     mask_r = offs_r < R
     w_re = tl.load(w_ptr + 2 * (pid_h * N + offs_n), mask=mask_n, other=0.0)[:, None]
     w_im = tl.load(w_ptr + 2 * (pid_h * N + offs_n) + 1, mask=mask_n, other=0.0)[:, None]
-    # sv = sum_j g conj(c), st = sum_j g conj(c^2); the suffix 2 marks the conjugate poles.
+    # sv = sum_j g conj(c), st = sum_j g conj(c^2), over the poles w (and their conjugates).
     zero = tl.zeros((BLOCK_R, BLOCK_N), dtype=w_re.dtype)
     sv_re, sv_im, st_re, st_im = zero, zero, zero, zero
-    sv2_re, sv2_im, st2_re, st2_im = zero, zero, zero, zero
     g_row = offs_r.to(tl.int64)[:, None] * (H * M) + pid_h * M
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -110,37 +127,18 @@ def _cauchy_bwd_vw_kernel(g_ptr, v_ptr, z_ptr, w_ptr, gv_ptr, gw_ptr, H, N, M,
         g_im = tl.load(g_ptr + 2 * (g_row + offs_m[None, :]) + 1, mask=gmask, other=0.0)[:, None, :]
         # Padded lanes: finite reciprocal (see the forward) times a zero gradient.
         d_re = tl.where(mask_n[:, None] & mask_m[None, :], z_re - w_re, 1.0)
-        d_im = z_im - w_im
-        inv = 1.0 / (d_re * d_re + d_im * d_im)
-        c_re = d_re * inv
-        c_im = -d_im * inv
-        s_re = (c_re * c_re - c_im * c_im)[None, :, :]
-        s_im = (2.0 * c_re * c_im)[None, :, :]
-        c_re = c_re[None, :, :]
-        c_im = c_im[None, :, :]
-        sv_re += tl.sum(g_re * c_re + g_im * c_im, axis=2)
-        sv_im += tl.sum(g_im * c_re - g_re * c_im, axis=2)
-        st_re += tl.sum(g_re * s_re + g_im * s_im, axis=2)
-        st_im += tl.sum(g_im * s_re - g_re * s_im, axis=2)
+        p_re, p_im, q_re, q_im = _grad_sums(g_re, g_im, d_re, z_im - w_im)
+        sv_re += p_re
+        sv_im += p_im
+        st_re += q_re
+        st_im += q_im
         if SYMMETRIC:
-            e_im = z_im + w_im
-            inv2 = 1.0 / (d_re * d_re + e_im * e_im)
-            c2_re = d_re * inv2
-            c2_im = -e_im * inv2
-            s2_re = (c2_re * c2_re - c2_im * c2_im)[None, :, :]
-            s2_im = (2.0 * c2_re * c2_im)[None, :, :]
-            c2_re = c2_re[None, :, :]
-            c2_im = c2_im[None, :, :]
-            sv2_re += tl.sum(g_re * c2_re + g_im * c2_im, axis=2)
-            sv2_im += tl.sum(g_im * c2_re - g_re * c2_im, axis=2)
-            st2_re += tl.sum(g_re * s2_re + g_im * s2_im, axis=2)
-            st2_im += tl.sum(g_im * s2_re - g_re * s2_im, axis=2)
-    if SYMMETRIC:
-        # The conjugate half enters through conj(v), conj(w): its gradient is conjugated back.
-        sv_re += sv2_re
-        sv_im -= sv2_im
-        st_re += st2_re
-        st_im -= st2_im
+            # The conjugate half enters through conj(v), conj(w): its gradient is conjugated back.
+            p_re, p_im, q_re, q_im = _grad_sums(g_re, g_im, d_re, z_im + w_im)
+            sv_re += p_re
+            sv_im -= p_im
+            st_re += q_re
+            st_im -= q_im
     v_off = offs_r.to(tl.int64)[:, None] * (H * N) + pid_h * N + offs_n[None, :]
     vmask = mask_r[:, None] & mask_n[None, :]
     tl.store(gv_ptr + 2 * v_off, sv_re, mask=vmask)
@@ -189,10 +187,7 @@ def _cauchy_bwd_z_kernel(g_ptr, v_ptr, z_ptr, w_ptr, part_ptr, H, N, M, ROWS_PER
             u_re = tl.sum(v_re * g_re + v_im * g_im, axis=0)
             u_im = tl.sum(v_re * g_im - v_im * g_re, axis=0)
             d_re = tl.where(mask_n[:, None] & mask_m[None, :], z_re - w_re, 1.0)
-            d_im = z_im - w_im
-            inv = 1.0 / (d_re * d_re + d_im * d_im)
-            c_re = d_re * inv
-            c_im = -d_im * inv
+            c_re, c_im = _recip(d_re, z_im - w_im)
             s_re = c_re * c_re - c_im * c_im
             s_im = 2.0 * c_re * c_im
             acc_re -= s_re * u_re + s_im * u_im
@@ -201,10 +196,7 @@ def _cauchy_bwd_z_kernel(g_ptr, v_ptr, z_ptr, w_ptr, part_ptr, H, N, M, ROWS_PER
                 # conjugate pole with numerator conj(v): u2 = sum_r v g
                 u2_re = tl.sum(v_re * g_re - v_im * g_im, axis=0)
                 u2_im = tl.sum(v_re * g_im + v_im * g_re, axis=0)
-                e_im = z_im + w_im
-                inv2 = 1.0 / (d_re * d_re + e_im * e_im)
-                c2_re = d_re * inv2
-                c2_im = -e_im * inv2
+                c2_re, c2_im = _recip(d_re, z_im + w_im)
                 s2_re = c2_re * c2_re - c2_im * c2_im
                 s2_im = 2.0 * c2_re * c2_im
                 acc_re -= s2_re * u2_re + s2_im * u2_im
