@@ -7,7 +7,7 @@ kernel's peak mark is reset there (/proc/self/clear_refs); where that is not all
 of ru_maxrss is used instead (it under-reports cases smaller than an earlier peak). The warm-up
 keeps one-time costs out of the number: lazy imports inside the first call (Triton alone adds
 ~150 MB), thread pools, FFT plans. On CUDA the in-process CUDA peak is kept.
-Used by the runner for CPU memory (issue 7: peak RSS of a fresh process per case).
+The runner uses it for CPU memory: the peak RSS of a fresh process per case.
 """
 from __future__ import annotations
 
@@ -22,11 +22,8 @@ def main(argv: list[str]) -> int:
     import torch  # noqa: F401  (part of the baseline)
     from experiments.bench.timing import max_rss_bytes, reset_peak_rss, rss_now_bytes, rss_peak_bytes
     if case["kind"] == "layer":
-        from experiments.bench.layers import Missing, preload, run_layer_case as run
-        try:
-            preload(case["layer"])
-        except Missing:
-            pass
+        from experiments.bench.layers import preload, run_layer_case as run
+        preload(case["layer"])
     else:
         import kernels  # noqa: F401
         from experiments.bench.ops import run_op_case as run

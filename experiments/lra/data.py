@@ -1,4 +1,7 @@
-"""Long Range Arena data: readers for the original release layouts, datasets and batching (SPEC 6).
+"""Long Range Arena data: readers for the original release layouts, datasets and batching.
+
+The tasks, their files and their tokenization are described in `docs/lra.md`; the per-task facts
+(classes, vocabulary, full length) live in one table, `experiments.lra.tasks`.
 
 `load_task(task, data_dir)` reads one task from the folder layout the data ships in and returns
 `{"train", "val", "test"}` datasets whose items are `(ids, label)`:
@@ -16,50 +19,31 @@
   text `metadata/<b>.npy` (field 0 folder, 1 file, 3 label); split 80/10/10 after a fixed-seed
   shuffle; 0-byte images are skipped, counted and reported with a logged warning.
 Pixel tasks use the raw values 0..255 as ids (vocab 256); all their sequences have full length.
+
+Every split must hold at least one example (else a ValueError naming the file or folder); text
+that is not UTF-8 is a ValueError naming file and line; sequences cut to `max_len` are counted and
+reported once per split (a logged warning: how many, from what length to what). Each dataset
+carries `source` (the file or folder it came from) and `truncated` (count, longest original
+length, `max_len`).
 """
 from __future__ import annotations
 
 import logging
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from experiments.lra.tasks import task as task_facts
+
 log = logging.getLogger(__name__)
 
-TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 SPLITS = ("train", "val", "test")
 LISTOPS_VOCAB = {**{str(d): d + 1 for d in range(10)}, "[MIN": 11, "[MAX": 12, "[MED": 13, "[SM": 14, "]": 15}
 PATHFINDER_SPLIT_SEED = 0
 PATHFINDER_FOLDERS = {6: "curv_baseline", 9: "curv_contour_length_9", 14: "curv_contour_length_14"}
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    n_classes: int
-    vocab_size: int
-    max_len: int
-    dual: bool = False
-
-
-_INFO = {
-    "listops": TaskInfo(10, 16, 2000),
-    "text": TaskInfo(2, 257, 4096),
-    "retrieval": TaskInfo(2, 257, 4000, dual=True),
-    "image": TaskInfo(10, 256, 1024),
-    "pathfinder": TaskInfo(2, 256, 32 * 32),
-    "pathx": TaskInfo(2, 256, 128 * 128),
-}
-
-
-def task_info(task: str) -> TaskInfo:
-    """Number of classes, vocabulary size (0 = pad), full sequence length and two-input flag."""
-    if task not in _INFO:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    return _INFO[task]
 
 
 def _generate_hint(task: str) -> str:
@@ -97,16 +81,44 @@ def _locate(data_dir: Path, folder: str, probe: str) -> Path | None:
 class TokenDataset(Dataset):
     """In-memory token sequences stored compactly; items are (LongTensor ids, int label)."""
 
-    def __init__(self, seqs: list[np.ndarray], labels: list[int]):
+    def __init__(self, seqs: list[np.ndarray], labels: list[int], source: str | Path = "?"):
         if len(seqs) != len(labels):
             raise ValueError(f"seqs and labels differ in length: {len(seqs)} vs {len(labels)}")
         self.seqs, self.labels = seqs, [int(y) for y in labels]
+        self.source, self.truncated = str(source), (0, 0, 0)
 
     def __len__(self) -> int:
         return len(self.seqs)
 
     def __getitem__(self, i: int):
         return torch.from_numpy(self.seqs[i].astype(np.int64)), self.labels[i]
+
+
+def _checked(task: str, split: str, ds: Dataset, lengths: list[int], max_len: int) -> Dataset:
+    """Refuse an empty split (naming its source); warn once if any example was cut to `max_len`.
+
+    `lengths` are the examples' lengths before truncation (for Retrieval: the longer document).
+    """
+    if len(ds) == 0:
+        raise ValueError(f"LRA {task} {split} split is empty: no examples in {ds.source}")
+    cut = [n for n in lengths if n > max_len]
+    ds.truncated = (len(cut), max(cut, default=0), max_len)
+    if cut:
+        log.warning("LRA %s %s: %d of %d examples truncated from up to %d (shortest cut: %d) to %d tokens "
+                    "(data.max_len); source %s", task, split, len(cut), len(ds), max(cut), min(cut), max_len,
+                    ds.source)
+    return ds
+
+
+def _utf8_lines(path: Path):
+    """(line number, decoded line) of a text file; a non-UTF-8 line is a ValueError naming file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                 f"column {e.start + 1})") from None
 
 
 def _bytes_tokens(text: str | bytes, max_len: int) -> np.ndarray:
@@ -122,25 +134,25 @@ def _read_listops(data_dir: Path, max_len: int) -> dict[str, Dataset]:
     out = {}
     for split, name in names.items():
         path = folder / name
-        seqs, labels = [], []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                line = line.rstrip("\r\n")
-                if not line.strip() or (lineno == 1 and line.split("\t")[:2] == ["Source", "Target"]):
-                    continue
-                fields = line.split("\t")
-                try:
-                    if len(fields) != 2:
-                        raise ValueError(f"expected 2 tab-separated fields, got {len(fields)}")
-                    label = int(fields[1])
-                    if not 0 <= label <= 9:
-                        raise ValueError(f"label {label} outside 0..9")
-                    ids = [LISTOPS_VOCAB[t] for t in fields[0].split() if t not in ("(", ")")]
-                except (ValueError, KeyError) as e:
-                    raise ValueError(f"{path}, line {lineno}: malformed ListOps line ({e})") from None
-                seqs.append(np.asarray(ids[:max_len], dtype=np.uint8))
-                labels.append(label)
-        out[split] = TokenDataset(seqs, labels)
+        seqs, labels, lengths = [], [], []
+        for lineno, line in _utf8_lines(path):
+            line = line.rstrip("\r\n")
+            if not line.strip() or (lineno == 1 and line.split("\t")[:2] == ["Source", "Target"]):
+                continue
+            fields = line.split("\t")
+            try:
+                if len(fields) != 2:
+                    raise ValueError(f"expected 2 tab-separated fields, got {len(fields)}")
+                label = int(fields[1])
+                if not 0 <= label <= 9:
+                    raise ValueError(f"label {label} outside 0..9")
+                ids = [LISTOPS_VOCAB[t] for t in fields[0].split() if t not in ("(", ")")]
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"{path}, line {lineno}: malformed ListOps line ({e})") from None
+            seqs.append(np.asarray(ids[:max_len], dtype=np.uint8))
+            labels.append(label)
+            lengths.append(len(ids))
+        out[split] = _checked("listops", split, TokenDataset(seqs, labels, path), lengths, max_len)
     return out
 
 
@@ -153,7 +165,7 @@ def _read_retrieval(data_dir: Path, max_len: int) -> dict[str, Dataset]:
     out = {}
     for split, name in names.items():
         path = folder / name
-        seqs, labels = [], []
+        seqs, labels, lengths = [], [], []
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, start=1):
                 line = line.rstrip(b"\r\n")
@@ -174,7 +186,8 @@ def _read_retrieval(data_dir: Path, max_len: int) -> dict[str, Dataset]:
                 pair[0, :len(a)], pair[1, :len(b)] = a, b
                 seqs.append(pair)
                 labels.append(label)
-        out[split] = TokenDataset(seqs, labels)
+                lengths.append(max(len(fields[3]), len(fields[4])))
+        out[split] = _checked("retrieval", split, TokenDataset(seqs, labels, path), lengths, max_len)
     return out
 
 
@@ -183,20 +196,26 @@ def _read_text(data_dir: Path, max_len: int) -> dict[str, Dataset]:
     if folder is not None:
         splits = {}
         for split in ("train", "test"):
-            seqs, labels = [], []
+            seqs, labels, lengths = [], [], []
             for polarity, label in (("neg", 0), ("pos", 1)):
                 sub = folder / split / polarity
                 if not sub.is_dir():
                     raise _missing("text", data_dir, [f"aclImdb/{split}/{polarity}/*.txt"])
                 for path in sorted(sub.glob("*.txt")):
-                    seqs.append(_bytes_tokens(path.read_bytes(), max_len))
+                    raw = path.read_bytes()
+                    seqs.append(_bytes_tokens(raw, max_len))
                     labels.append(label)
-            splits[split] = TokenDataset(seqs, labels)
+                    lengths.append(len(raw))
+            ds = TokenDataset(seqs, labels, f"{folder / split}/{{neg,pos}}/*.txt")
+            splits[split] = _checked("text", split, ds, lengths, max_len)
         return {"train": splits["train"], "val": splits["test"], "test": splits["test"]}
     if (data_dir / "imdb" / "dataset_dict.json").exists():
         ds = _load_from_disk(data_dir / "imdb")
-        splits = {s: TokenDataset([_bytes_tokens(t, max_len) for t in ds[s]["text"]], ds[s]["label"])
-                  for s in ("train", "test")}
+        splits = {}
+        for s in ("train", "test"):
+            raw = [t.encode("utf-8") for t in ds[s]["text"]]
+            tokens = TokenDataset([_bytes_tokens(t, max_len) for t in raw], ds[s]["label"], data_dir / "imdb" / s)
+            splits[s] = _checked("text", s, tokens, [len(t) for t in raw], max_len)
         return {"train": splits["train"], "val": splits["test"], "test": splits["test"]}
     raise _missing("text", data_dir, ["aclImdb/{train,test}/{pos,neg}/*.txt",
                                       "or imdb/ (datasets.save_to_disk)"])
@@ -238,6 +257,8 @@ def _read_image(data_dir: Path, max_len: int) -> dict[str, Dataset]:
         train_x = np.concatenate([parts[n][0] for n in names[:5]])  # (50000, 1024)
         train_y = np.concatenate([parts[n][1] for n in names[:5]])
         test_x, test_y = parts["test_batch"]
+        sources = {"train": folder / "data_batch_{1..5}", "val": folder / "data_batch_5",
+                   "test": folder / "test_batch"}
     elif (data_dir / "cifar10" / "dataset_dict.json").exists():
         ds = _load_from_disk(data_dir / "cifar10")
         conv = {}
@@ -246,24 +267,28 @@ def _read_image(data_dir: Path, max_len: int) -> dict[str, Dataset]:
             rgb = np.stack([np.asarray(im.convert("RGB")).transpose(2, 0, 1) for im in ds[s][img_col]])
             conv[s] = (_gray(rgb), np.asarray(ds[s]["label"], dtype=np.int64))
         (train_x, train_y), (test_x, test_y) = conv["train"], conv["test"]
+        sources = {"train": data_dir / "cifar10" / "train", "val": data_dir / "cifar10" / "train",
+                   "test": data_dir / "cifar10" / "test"}
     else:
         raise _missing("image", data_dir, [f"cifar-10-batches-py/{n}" for n in names]
                        + ["or cifar10/ (datasets.save_to_disk)"])
     n_val = len(train_x) // 10  # 5k of 50k: the last tenth of the training batches
     n_train = len(train_x) - n_val
 
-    def make(x, y):
-        return TokenDataset([row[:max_len] for row in x], y.tolist())
-    return {"train": make(train_x[:n_train], train_y[:n_train]),
-            "val": make(train_x[n_train:], train_y[n_train:]), "test": make(test_x, test_y)}
+    def make(split, x, y):
+        ds = TokenDataset([row[:max_len] for row in x], y.tolist(), sources[split])
+        return _checked("image", split, ds, [x.shape[1]] * len(x), max_len)
+    return {"train": make("train", train_x[:n_train], train_y[:n_train]),
+            "val": make("val", train_x[n_train:], train_y[n_train:]), "test": make("test", test_x, test_y)}
 
 
 class PathfinderDataset(Dataset):
     """Pathfinder PNGs read lazily; items are (LongTensor (res*res,) gray values, int label)."""
 
-    def __init__(self, paths: list[Path], labels: list[int], resolution: int, max_len: int):
+    def __init__(self, paths: list[Path], labels: list[int], resolution: int, max_len: int, source: str | Path = "?"):
         self.paths, self.labels = paths, labels
         self.resolution, self.max_len = resolution, max_len
+        self.source, self.truncated = str(source), (0, 0, 0)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -294,38 +319,39 @@ def _read_pathfinder(task: str, data_dir: Path, max_len: int, resolution: int,
                                         f"pathfinder{resolution}/{sub}/imgs/<b>/sample_<k>.png"])
     paths, labels, skipped = [], [], 0
     for meta in meta_files:
-        with open(meta, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                fields = line.split()
-                if not fields:
-                    continue
-                try:
-                    if len(fields) < 4:
-                        raise ValueError(f"expected >= 4 space-separated fields, got {len(fields)}")
-                    label = int(fields[3])
-                    if label not in (0, 1):
-                        raise ValueError(f"label {label} is not 0 or 1")
-                except ValueError as e:
-                    raise ValueError(f"{meta}, line {lineno}: malformed Pathfinder metadata ({e})") from None
-                path = base / fields[0] / fields[1]
-                try:
-                    size = path.stat().st_size
-                except FileNotFoundError:
-                    raise FileNotFoundError(f"{meta}, line {lineno}: image {path} does not exist") from None
-                if size == 0:
-                    skipped += 1
-                    continue
-                paths.append(path)
-                labels.append(label)
+        for lineno, line in _utf8_lines(meta):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                if len(fields) < 4:
+                    raise ValueError(f"expected >= 4 space-separated fields, got {len(fields)}")
+                label = int(fields[3])
+                if label not in (0, 1):
+                    raise ValueError(f"label {label} is not 0 or 1")
+            except ValueError as e:
+                raise ValueError(f"{meta}, line {lineno}: malformed Pathfinder metadata ({e})") from None
+            path = base / fields[0] / fields[1]
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{meta}, line {lineno}: image {path} does not exist") from None
+            if size == 0:
+                skipped += 1
+                continue
+            paths.append(path)
+            labels.append(label)
     if skipped:
         log.warning("LRA %s: skipped %d empty (0-byte) image(s) under %s", task, skipped, base)
     order = np.random.default_rng(PATHFINDER_SPLIT_SEED).permutation(len(paths))
     n_train, n_val = int(0.8 * len(paths)), int(0.1 * len(paths))
     cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    out = {s: PathfinderDataset([paths[i] for i in idx], [labels[i] for i in idx], resolution, max_len)
-           for s, idx in cuts.items()}
-    for ds in out.values():
+    out = {}
+    for s, idx in cuts.items():
+        ds = PathfinderDataset([paths[i] for i in idx], [labels[i] for i in idx], resolution, max_len,
+                               f"{base / 'metadata'}/*.npy ({s}: {len(idx)} of {len(paths)} readable images)")
         ds.n_skipped = skipped
+        out[s] = _checked(task, s, ds, [resolution * resolution] * len(idx), max_len)
     return out
 
 
@@ -337,10 +363,10 @@ def load_task(task: str, data_dir: str | Path, *, max_len: int | None = None,
     `pathfinder{pathfinder_resolution}` (default 32; Path-X 128) at difficulty `contour_length`
     (6 = curv_baseline, 9, 14 = the LRA setting).
     """
-    info = task_info(task)
+    info = task_facts(task)
     if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
         raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
-    max_len = info.max_len if max_len is None else max_len
+    max_len = info.seq_len if max_len is None else max_len
     data_dir = Path(data_dir)
     if task == "listops":
         return _read_listops(data_dir, max_len)
@@ -350,7 +376,7 @@ def load_task(task: str, data_dir: str | Path, *, max_len: int | None = None,
         return _read_retrieval(data_dir, max_len)
     if task == "image":
         return _read_image(data_dir, max_len)
-    resolution = pathfinder_resolution or (32 if task == "pathfinder" else 128)
+    resolution = pathfinder_resolution or info.resolution
     if resolution not in (32, 64, 128, 256):
         raise ValueError(f"pathfinder_resolution must be 32, 64, 128 or 256, got {resolution}")
     return _read_pathfinder(task, data_dir, min(max_len, resolution * resolution), resolution, contour_length)

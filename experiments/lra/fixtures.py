@@ -1,4 +1,4 @@
-"""Tiny files in every official LRA layout (SPEC 6), for tests and smoke runs.
+"""Tiny files in every official LRA layout (`docs/lra.md`), for tests and smoke runs.
 
 `write_fixtures(root, task)` writes a few examples of one task into `root` in exactly the format
 the real data comes in (ListOps TSV with header, AAN TSV without header, aclImdb folders,

@@ -1,4 +1,4 @@
-"""Generate the synthetic LRA tasks in the original release layout (SPEC 6).
+"""Generate the synthetic LRA tasks in the original release layout (`docs/lra.md`).
 
     python -m experiments.lra.generate listops --out DIR --n-train N --n-val N --n-test N --seed S
         [--min-length 500 --max-length 2000]

@@ -1,4 +1,4 @@
-"""ListOps: the synthetic generator and an independent evaluator of the expressions (SPEC 6).
+"""ListOps: the synthetic generator and an independent evaluator of the expressions (`docs/lra.md`).
 
 A node is a leaf digit with probability 0.75 (always a leaf at depth 10); otherwise one of
 MIN, MAX, MED (int of the median), SM (sum mod 10) applied to 2..10 arguments drawn uniformly.

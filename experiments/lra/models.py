@@ -4,30 +4,84 @@
   task's vocabulary.
 - Pixel tasks with `data.pixel_input="real"` (what S4 did): each pixel enters as one real channel
   `value / 255` (d_input = 1).
-- Retrieval (SPEC section 6): one shared encoder reads both documents, each is pooled to `u`, `v`,
-  and an MLP classifies `[u, v, u*v, u-v]`.
+- Heads (`model.head`): "linear" (pooled features -> logits, S4's decoder), "mlp" (one hidden layer,
+  the LRA Transformer's classifier head), "mlp2" (two hidden layers of `head_hidden` and half of it,
+  the LRA dual-encoder head).
+- Retrieval: one shared encoder reads both documents, each is pooled to `u`, `v`, and the head
+  classifies `[u, v, u*v, u-v]` (`interaction="nli"`, S4) or `[u, v]` ("concat", LRA Transformer).
+  The backbone's own decoder is replaced by the identity, so every parameter gets a gradient (plain
+  DistributedDataParallel, no `find_unused_parameters`).
+- Transformer positions: "sinusoidal"/"learned" are added at the input; "rope", "rope2d" (pixel
+  grids) and "alibi" live inside attention, with any RoPE scaling of `ssm.layers.rope`
+  (`config.rope_scaling_dict`). Task descriptions: `docs/lra.md`.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
 
-from experiments.lra.config import PIXEL_TASKS, Config
+from experiments.lra.config import ATTENTION_POS, Config, rope_scaling_dict
+from experiments.lra.tasks import task as task_info
+
+# New S4 options and the value that means "as before" (the layer's behaviour without the option).
+_SSM_OPTIONS = (("n_ssm", None), ("dt_transform", "exp"), ("tie_dropout", False))
 
 
-def layer_kwargs(cfg: Config) -> dict:
-    """Keyword arguments of the residual block for the configured model type."""
-    m = cfg.model
-    if cfg.model_name == "transformer":
-        kwargs = {"n_heads": m.n_heads}
-        if m.d_mlp is not None:
-            kwargs["d_mlp"] = m.d_mlp
-        return kwargs
+def _block_params() -> set:
+    from ssm.layers.block import S4Block
+
+    return set(inspect.signature(S4Block).parameters)
+
+
+def _ssm_kwargs(cfg: Config) -> dict:
+    m, o = cfg.model, cfg.optim
     kwargs = {"d_state": m.d_state, "norm": m.norm, "bidirectional": m.bidirectional, "dt_min": m.dt_min,
-              "dt_max": m.dt_max, "ssm_lr": cfg.optim.ssm_lr}
+              "dt_max": m.dt_max, "ssm_lr": o.ssm_lr}
     if m.init is not None:
         kwargs["init"] = m.init
+    supported = _block_params()
+    wanted = {name: getattr(m, name) for name, _ in _SSM_OPTIONS}
+    wanted["dt_lr"] = o.dt_lr
+    legacy = dict(_SSM_OPTIONS, dt_lr=o.ssm_lr)  # without dt_lr, dt trains at ssm_lr
+    for name, value in wanted.items():
+        if name in supported:
+            kwargs[name] = value
+        elif value != legacy[name]:
+            raise ValueError(f"--model/--optim {name}={value!r} needs an ssm.layers.block.S4Block that accepts "
+                             f"`{name}`; this one does not")
+    if o.ssm_lr is None and "dt_lr" not in supported:
+        raise ValueError("--optim.ssm_lr=None needs an S4Block that accepts dt_lr")
     return kwargs
+
+
+def _attention_kwargs(cfg: Config, train_len: int) -> dict:
+    m = cfg.model
+    kwargs = {"n_heads": m.n_heads}
+    if m.d_mlp is not None:
+        kwargs["d_mlp"] = m.d_mlp
+    if m.pos in ATTENTION_POS:
+        kwargs["pos"] = m.pos
+        kwargs["max_len"] = train_len
+        if m.pos in ("rope", "rope2d"):
+            kwargs["rope_scaling"] = rope_scaling_dict(cfg)
+            kwargs["rope_base"] = m.rope_base
+        if m.pos == "rope2d":
+            kwargs["grid_width"] = task_info(cfg.task).resolution if cfg.data.pathfinder_resolution is None \
+                else cfg.data.pathfinder_resolution
+    return kwargs
+
+
+def layer_kwargs(cfg: Config, max_len: int | None = None) -> dict:
+    """Keyword arguments of the residual block for the configured model type.
+
+    `max_len` is the training sequence length (with the CLS token where there is one); attention
+    positions that depend on it (log-n, YaRN, ...) take it as their training length.
+    """
+    if cfg.model_name == "transformer":
+        return _attention_kwargs(cfg, max_len)
+    return _ssm_kwargs(cfg)
 
 
 def _backbone(cfg: Config, *, d_output: int, vocab_size: int | None, d_input: int | None,
@@ -37,10 +91,25 @@ def _backbone(cfg: Config, *, d_output: int, vocab_size: int | None, d_input: in
     m = cfg.model
     if m.pooling == "cls":
         max_len += 1  # the CLS token is appended after the last real position
+    pos = "none" if m.pos in ATTENTION_POS else m.pos
     return SequenceModel(
         d_output, vocab_size=vocab_size, d_input=d_input, d_model=m.d_model, n_layers=m.n_layers,
-        layer=cfg.model_name, layer_kwargs=layer_kwargs(cfg), pooling=m.pooling, pos=m.pos,
+        layer=cfg.model_name, layer_kwargs=layer_kwargs(cfg, max_len), pooling=m.pooling, pos=pos,
         max_len=max_len, prenorm=m.prenorm, dropout=m.dropout, device=device, dtype=dtype)
+
+
+def make_head(cfg: Config, d_in: int, n_classes: int, device=None, dtype=None) -> nn.Module:
+    """features (B, d_in) -> logits (B, n_classes), as `model.head` / `head_hidden` / `head_act` say."""
+    m = cfg.model
+    fk = dict(device=device, dtype=dtype)
+    if m.head == "linear":
+        return nn.Linear(d_in, n_classes, **fk)
+    hidden = m.head_hidden or m.d_model
+    act = nn.GELU if m.head_act == "gelu" else nn.ReLU
+    if m.head == "mlp":
+        return nn.Sequential(nn.Linear(d_in, hidden, **fk), act(), nn.Linear(hidden, n_classes, **fk))
+    return nn.Sequential(nn.Linear(d_in, hidden, **fk), act(), nn.Linear(hidden, hidden // 2, **fk), act(),
+                         nn.Linear(hidden // 2, n_classes, **fk))
 
 
 class LRAClassifier(nn.Module):
@@ -48,10 +117,12 @@ class LRAClassifier(nn.Module):
 
     def __init__(self, cfg: Config, *, n_classes: int, vocab_size: int, max_len: int, device=None, dtype=None):
         super().__init__()
-        self.real_pixels = cfg.task in PIXEL_TASKS and cfg.data.pixel_input == "real"
+        self.real_pixels = task_info(cfg.task).is_pixel and cfg.data.pixel_input == "real"
         self.backbone = _backbone(cfg, d_output=n_classes, vocab_size=None if self.real_pixels else vocab_size,
                                   d_input=1 if self.real_pixels else None, max_len=max_len,
                                   device=device, dtype=dtype)
+        if cfg.model.head != "linear":  # the backbone's decoder becomes the configured head
+            self.backbone.decoder = make_head(cfg, cfg.model.d_model, n_classes, device=device, dtype=dtype)
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         if self.real_pixels:
@@ -69,13 +140,12 @@ class RetrievalClassifier(nn.Module):
     def __init__(self, cfg: Config, *, n_classes: int, vocab_size: int, max_len: int, device=None, dtype=None):
         super().__init__()
         d = cfg.model.d_model
-        hidden = cfg.model.head_hidden or d
-        # The backbone's own decoder is unused: only its pooled features feed the head.
+        self.interaction = cfg.model.interaction
         self.encoder = _backbone(cfg, d_output=n_classes, vocab_size=vocab_size, d_input=None,
                                  max_len=max_len, device=device, dtype=dtype)
-        self.head = nn.Sequential(
-            nn.Linear(4 * d, hidden, device=device, dtype=dtype), nn.GELU(),
-            nn.Linear(hidden, n_classes, device=device, dtype=dtype))
+        self.encoder.decoder = nn.Identity()  # only the pooled features are used
+        n_feats = 4 if self.interaction == "nli" else 2
+        self.head = make_head(cfg, n_feats * d, n_classes, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[1] != 2:
@@ -85,11 +155,20 @@ class RetrievalClassifier(nn.Module):
         both_len = None if lengths is None else torch.cat([lengths[:, 0], lengths[:, 1]], dim=0)  # (2B,)
         feats = self.encoder.features(both, lengths=both_len)  # (2B, d_model)
         u, v = feats[:B], feats[B:]  # (B, d_model) each
-        return self.head(torch.cat([u, v, u * v, u - v], dim=-1))  # (B, n_classes)
+        pair = [u, v, u * v, u - v] if self.interaction == "nli" else [u, v]
+        return self.head(torch.cat(pair, dim=-1))  # (B, n_classes)
 
 
-def build_model(cfg: Config, *, n_classes: int, vocab_size: int, max_len: int, dual: bool,
-                device=None, dtype=None) -> nn.Module:
-    """The LRA model for `cfg.task` / `cfg.model_name` with the task's sizes."""
+def build_model(cfg: Config, *, n_classes: int | None = None, vocab_size: int | None = None,
+                max_len: int | None = None, dual: bool | None = None, device=None, dtype=None) -> nn.Module:
+    """The LRA model for `cfg.task` / `cfg.model_name`; sizes default to the task table (`tasks.py`)
+    and `config.sequence_length(cfg)`."""
+    from experiments.lra.config import sequence_length
+
+    info = task_info(cfg.task)
+    n_classes = info.n_classes if n_classes is None else n_classes
+    vocab_size = info.vocab_size if vocab_size is None else vocab_size
+    max_len = sequence_length(cfg) if max_len is None else max_len
+    dual = info.two_tower if dual is None else dual
     cls = RetrievalClassifier if dual else LRAClassifier
     return cls(cfg, n_classes=n_classes, vocab_size=vocab_size, max_len=max_len, device=device, dtype=dtype)

@@ -1,6 +1,6 @@
 """The LRA quick start: `python -m experiments.lra.quickstart [--out DIR]`.
 
-1. Generates a small ListOps set with the library's generator (SPEC section 6 procedure, shorter
+1. Generates a small ListOps set with the library's generator (procedure in `docs/lra.md`, shorter
    sequences than the benchmark's 500-2000 tokens so that it trains on a CPU),
 2. trains S4D with `--preset cpu-small` (about five minutes on 2 CPU cores),
 3. trains the Transformer with the same preset for comparison,

@@ -1,20 +1,23 @@
-"""Markdown table of LRA test accuracies next to the published numbers (SPEC section 6).
+"""Markdown table of LRA test accuracies next to the published numbers (`docs/lra.md`), and curves.
 
 `python -m experiments.lra.report RUN_DIR...` reads each run's `result.json` (written by
 `experiments.lra.train`; a folder without one is searched one level down, so the quick start's
 output folder works as is) and prints one row per (model, preset) with the six task columns, next
 to the published rows. The average follows the LRA convention (Path-X failure counts as 50) and is
-only given for rows that have all six tasks.
+only given for rows that have all six tasks. A run folder that has not finished yet (no
+`result.json`) is skipped with a one-line note. For every run it reads, it writes
+`RUN_DIR/curves.png`: validation accuracy and loss against the training step (`--no-plots` skips).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 TASK_COLUMNS = (("listops", "ListOps"), ("text", "Text"), ("retrieval", "Retrieval"), ("image", "Image"),
                 ("pathfinder", "Pathfinder"), ("pathx", "Path-X"))
-# SPEC section 6; None = failed (counts as 50 in the average).
+# Published test accuracies (sources in docs/lra.md); None = failed (counts as 50 in the average).
 PUBLISHED = {
     "Transformer (LRA paper)": (36.37, 64.27, 57.46, 42.44, 71.40, None),
     "S4 (updated, LegS)": (59.60, 86.82, 90.90, 88.65, 94.20, 96.35),
@@ -25,8 +28,28 @@ PUBLISHED = {
 MODEL_LABELS = {"s4": "S4", "s4d": "S4D", "transformer": "Transformer"}
 
 
-def find_results(paths: list[str | Path]) -> list[dict]:
-    """The `result.json` of each run folder (or of its immediate subfolders)."""
+RUN_MARKERS = ("last.pt", "metrics.jsonl", "config.json")  # files a started run folder holds
+
+
+def _is_run(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / name).exists() for name in RUN_MARKERS)
+
+
+def _unfinished_note(folder: Path) -> str:
+    steps = [json.loads(line).get("step", 0) for line in (folder / "metrics.jsonl").read_text().splitlines()
+             if line.strip()] if (folder / "metrics.jsonl").is_file() else []
+    at = f" (last logged step {max(steps)})" if steps else ""
+    return f"note: skipping {folder}: unfinished run, no result.json yet{at}"
+
+
+def find_results(paths: list[str | Path], *, notes=None) -> list[dict]:
+    """The `result.json` of each run folder (or of its immediate subfolders).
+
+    Run folders without a result (still training, stopped by a signal) are skipped; a note for each
+    goes to `notes` (a callable; default: print to stderr). FileNotFoundError when none of `paths`
+    holds a result or a run folder.
+    """
+    notes = notes or (lambda text: print(text, file=sys.stderr))
     results = []
     for p in map(Path, paths):
         if p.is_file():
@@ -35,6 +58,12 @@ def find_results(paths: list[str | Path]) -> list[dict]:
             files = [p / "result.json"]
         else:
             files = sorted(p.glob("*/result.json"))
+            unfinished = [p] if _is_run(p) else [d for d in sorted(p.glob("*"))
+                                                   if _is_run(d) and not (d / "result.json").is_file()]
+            for folder in unfinished:
+                notes(_unfinished_note(folder))
+            if not files and unfinished:
+                continue
         if not files:
             raise FileNotFoundError(f"no result.json in {p} or its subfolders (run `python -m experiments.lra.train` "
                                     f"first; it writes RUN_DIR/result.json at the end)")
@@ -89,13 +118,68 @@ def runs_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series of validation accuracy and loss and training loss from metrics.jsonl."""
+    series = {"val_acc": [], "val_loss": [], "train_loss": []}
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return series
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if r.get("split") == "val":
+            series["val_acc"].append((r["step"], 100.0 * r["acc"]))
+            series["val_loss"].append((r["step"], r["loss"]))
+        elif r.get("split") == "train":
+            series["train_loss"].append((r["step"], r["loss"]))
+    return series
+
+
+def plot_run(result: dict) -> Path | None:
+    """Write RUN_DIR/curves.png (validation accuracy and loss against step); None without metrics."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    folder = Path(result["path"])
+    s = _curves(folder)
+    if not s["val_acc"] and not s["train_loss"]:
+        return None
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if s["val_acc"]:
+        ax_acc.plot(*zip(*s["val_acc"]), marker="o", ms=3, label="validation")
+        ax_loss.plot(*zip(*s["val_loss"]), marker="o", ms=3, label="validation")
+    if s["train_loss"]:
+        ax_loss.plot(*zip(*s["train_loss"]), alpha=0.4, lw=1, label="train")
+    if "majority_rate" in result:
+        ax_acc.axhline(100.0 * result["majority_rate"], color="gray", ls=":", label="majority class (test)")
+    ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="validation accuracy")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['task']} / {result['model']} ({result['preset']}): {folder.name}")
+    fig.tight_layout()
+    out = folder / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m experiments.lra.report",
                                 description="Markdown table of LRA test accuracies next to the published numbers.")
     p.add_argument("runs", nargs="+", help="run folders (with result.json) or folders of run folders")
     p.add_argument("--no-published", action="store_true", help="leave out the published rows")
+    p.add_argument("--no-plots", action="store_true", help="do not write RUN_DIR/curves.png")
     args = p.parse_args(argv)
     results = find_results(args.runs)
+    if not args.no_plots:
+        for res in results:
+            png = plot_run(res)
+            if png is not None:
+                print(f"wrote {png}", file=sys.stderr)
     text = (markdown_table(results, published=not args.no_published)
             + "\n\nTest accuracy in %. Rows from a preset other than `paper` ran on reduced settings (shorter "
               "sequences, smaller models; see the mean test length below) and are not comparable with the "

@@ -1,13 +1,18 @@
 """Train an LRA model: `python -m experiments.lra.train --task T --model M --data-dir DIR ...`.
 
 AdamW over `ssm.layers.params.param_groups` (SSM parameters keep their own lr, no weight decay),
-linear warmup then cosine decay, gradient clipping, bf16 autocast on CUDA. Metrics stream to
-`RUN_DIR/metrics.jsonl`; `RUN_DIR/last.pt` is written at every epoch end, at `--max-steps` and on
-SIGINT/SIGTERM, and `--resume` continues from it exactly (model, optimizer, scheduler, RNG states and
-the position inside the epoch's shuffled order). The best-validation checkpoint (`best.pt`) is
-evaluated on the test split at the end; the result goes to `RUN_DIR/result.json`. Under `torchrun`
-(WORLD_SIZE > 1) it runs DistributedDataParallel with a DistributedSampler (nccl on CUDA, gloo on
-CPU). Settings: SPEC section 6, presets in `experiments.lra.config`.
+linear warmup then cosine decay, optional gradient clipping, bf16 autocast on CUDA. Before any
+work the config is validated, the data is checked (no empty split, a full batch of training
+examples, truncation reported) and one step's peak memory is estimated; a run that will not fit is
+refused (`--force` starts it anyway). Only then is the run folder created.
+
+Metrics stream to `RUN_DIR/metrics.jsonl`; `RUN_DIR/last.pt` is written atomically at every epoch
+end, every `train.checkpoint_every` steps, at `--max-steps` and on SIGINT/SIGTERM, and `--resume`
+continues from it exactly (model, optimizer, scheduler, RNG states and the position inside the
+epoch's shuffled order; see `experiments.lra.checkpoint` for what is checked). The
+best-validation checkpoint (`best.pt`) is evaluated on the test split at the end; the result goes
+to `RUN_DIR/result.json`. Under `torchrun` (WORLD_SIZE > 1) it runs DistributedDataParallel with a
+DistributedSampler (nccl on CUDA, gloo on CPU). Tasks, presets and settings: `docs/lra.md`.
 """
 from __future__ import annotations
 
@@ -16,24 +21,23 @@ import functools
 import json
 import math
 import os
-import random
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from experiments.lra.config import (MODELS, PRESETS, TASKS, Config, apply_overrides, format_config,
-                                    preset_config, split_overrides)
+from experiments.lra import checkpoint as ckpt_io
+from experiments.lra.config import MODELS, PRESETS, TASKS, Config, apply_overrides, format_config, preset_config
+from experiments.lra.config import split_overrides
 from experiments.lra.models import build_model
-
-# Fields that may differ between a run and its --resume without changing the result.
-_RESUME_FREE = {("train", "max_steps"), ("train", "progress"), ("train", "threads"), ("data", "num_workers")}
+from experiments.lra.tasks import Task
+from experiments.lra.tasks import task as task_facts
 
 
 class ResumableSampler(DistributedSampler):
@@ -63,6 +67,8 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+# --- command line ------------------------------------------------------------------------------
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m experiments.lra.train",
@@ -78,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop (with a checkpoint) after N optimizer steps in total; the schedule is unchanged")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--force", action="store_true",
+                   help="start even when the estimated peak memory exceeds the available memory")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
@@ -99,10 +107,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
         cfg.train.max_steps = args.max_steps
     if args.seed is not None:
         cfg.train.seed = args.seed
+    try:
+        validate_config(cfg)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
     if args.out is None:
         args.out = Path("runs") / "lra" / f"{args.task}-{args.model}-{args.preset}"
     return args, cfg
 
+
+def validate_config(cfg: Config) -> None:
+    """`config.validate` (ranges, divisibility, finite numbers) plus the trainer's own requirements."""
+    from experiments.lra import config
+
+    if hasattr(config, "validate"):
+        config.validate(cfg)
+    every = getattr(cfg.train, "checkpoint_every", None)
+    if every is not None and (not isinstance(every, int) or every < 1):
+        raise ValueError(f"train.checkpoint_every must be a positive number of steps or None, got {every!r}")
+    schedule = getattr(cfg.optim, "schedule", "cosine")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
+
+
+# --- schedule ----------------------------------------------------------------------------------
 
 def lr_lambda(step: int, *, total: int, warmup: int, min_frac: float) -> float:
     """Multiplier of the base lr: linear warmup to 1, then cosine down to `min_frac`."""
@@ -112,26 +140,77 @@ def lr_lambda(step: int, *, total: int, warmup: int, min_frac: float) -> float:
     return min_frac + (1.0 - min_frac) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    from ssm.layers.params import param_groups
-
-    return param_groups(model, lr, weight_decay)
+SCHEDULES = {"cosine": lr_lambda}
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def warmup_steps(cfg: Config, total: int) -> int:
+    """Warmup length: `optim.warmup_frac` of all steps, at least one."""
+    return max(int(cfg.optim.warmup_frac * total), 1)
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# --- setup -------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    """Where this process runs: rank and world size (torchrun), device, bf16 autocast."""
+
+    rank: int
+    world: int
+    device: torch.device
+    amp: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
-def _setup_device(cfg: Config) -> tuple[int, int, torch.device]:
+@dataclass
+class Trainer:
+    """Everything one run holds while it trains; built by `build`."""
+
+    cfg: Config
+    rt: Runtime
+    task: Task
+    out: Path
+    splits: dict
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: ResumableSampler
+    train_loader: DataLoader
+    steps_per_epoch: int
+    total_steps: int
+    state: dict = field(default_factory=lambda: {
+        "step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_acc": -1.0, "best_step": -1, "val_step": -1,
+        "seconds": 0.0})
+    tick: float = 0.0  # perf_counter at the last time accounted in state["seconds"]
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.pt"
+
+    def layout(self) -> dict:
+        """What a resume must share with this run to continue it exactly."""
+        bs = self.cfg.data.batch_size
+        return {"world_size": self.rt.world, "batch_per_rank": bs, "global_batch": bs * self.rt.world,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
+
+    def log(self, **record) -> None:
+        if self.rt.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def say(self, text: str) -> None:
+        if self.rt.main:
+            print(f"[lra] {text}", flush=True)
+
+
+def setup_device(cfg: Config) -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -143,8 +222,142 @@ def _setup_device(cfg: Config) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device
+    return Runtime(rank, world, device, amp=cfg.train.amp and device.type == "cuda")
 
+
+def seq_len(cfg: Config, task: Task) -> int:
+    """Longest sequence the model sees: the task's full length (or resolution), capped by data.max_len."""
+    n = task.seq_len
+    if task.is_pixel and cfg.data.pathfinder_resolution is not None and task.name in ("pathfinder", "pathx"):
+        n = task.resolution_len(cfg.data.pathfinder_resolution)
+    return n if cfg.data.max_len is None else min(n, cfg.data.max_len)
+
+
+def load_splits(cfg: Config, data_dir: Path, rt: Runtime) -> dict:
+    """Read the task's splits and refuse those too small for this run (naming their file)."""
+    from experiments.lra.data import load_task
+
+    splits = load_task(cfg.task, data_dir, max_len=cfg.data.max_len,
+                       pathfinder_resolution=cfg.data.pathfinder_resolution)
+    need = cfg.data.batch_size * rt.world
+    if len(splits["train"]) < need:
+        raise ValueError(f"LRA {cfg.task} train split has {len(splits['train'])} examples, fewer than one batch "
+                         f"(data.batch_size={cfg.data.batch_size} x {rt.world} process(es) = {need}): "
+                         f"{splits['train'].source}")
+    for split in ("val", "test"):
+        if len(splits[split]) < rt.world:
+            raise ValueError(f"LRA {cfg.task} {split} split has {len(splits[split])} examples, fewer than the "
+                             f"{rt.world} processes that share it: {splits[split].source}")
+    return splits
+
+
+def build(cfg: Config, rt: Runtime, splits: dict, out: Path) -> Trainer:
+    """Model, optimizer, schedule and training loader, in the order that fixes the random streams."""
+    from experiments.lra.data import collate
+    from ssm.layers.params import param_groups
+
+    task = task_facts(cfg.task)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, n_classes=task.n_classes, vocab_size=task.vocab_size, max_len=seq_len(cfg, task),
+                        dual=task.two_tower, device=rt.device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.lr, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
+    ddp_model = model
+    if rt.world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    sampler = ResumableSampler(splits["train"], num_replicas=rt.world, rank=rt.rank, seed=cfg.train.seed)
+    # A private generator: building a DataLoader iterator must not draw from the global RNG, or a
+    # resumed run's dropout masks would drift from the uninterrupted run's.
+    train_loader = DataLoader(splits["train"], batch_size=cfg.data.batch_size, sampler=sampler,
+                              collate_fn=functools.partial(collate, pad_id=0), num_workers=cfg.data.num_workers,
+                              generator=torch.Generator().manual_seed(cfg.train.seed))
+    steps_per_epoch = math.ceil(sampler.num_samples / cfg.data.batch_size)
+    total = max(cfg.train.epochs * steps_per_epoch, 1)
+    schedule = SCHEDULES[getattr(cfg.optim, "schedule", "cosine")]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        schedule, total=total, warmup=warmup_steps(cfg, total), min_frac=cfg.optim.min_lr_frac))
+    return Trainer(cfg, rt, task, out, splits, model, ddp_model, optimizer, scheduler, sampler, train_loader,
+                   steps_per_epoch, total)
+
+
+def check_memory(tr: Trainer, *, force: bool) -> None:
+    """Estimate one step's peak memory; raise MemoryError (naming a batch size that fits) unless `force`.
+
+    See `experiments.lra.memory` for how the estimate is made.
+    """
+    from experiments.lra import memory
+
+    n = seq_len(tr.cfg, tr.task)
+    shape, rt = ((2, n) if tr.task.two_tower else (n,)), tr.rt
+    kwargs = dict(device=rt.device, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+                  if rt.device.type == "cpu" else 1)
+    try:
+        est = memory.tensor_estimate(tr.model, seq_shape=shape, device=rt.device, amp=rt.amp)
+    except Exception as e:  # an op without a fake-tensor rule: train without the estimate, but say so
+        tr.say(f"memory estimate unavailable ({type(e).__name__}: {e}); starting without it")
+        return
+    if rt.device.type == "cuda":  # real steps are measured only when the tensor bytes say they fit
+        line = memory.check_fits(est, batch=max(tr.cfg.data.batch_size, 2), force=force, **kwargs)
+        if "--force" not in line:
+            est = memory.larger(est, memory.measured_estimate(tr.model, seq_shape=shape, device=rt.device,
+                                                              amp=rt.amp))
+    tr.say(memory.check_fits(est, batch=tr.cfg.data.batch_size, force=force, **kwargs))
+
+
+def start(tr: Trainer, ckpt: dict | None) -> None:
+    """Load the checkpoint being resumed (or seed a fresh run) and write the run's header."""
+    if ckpt is not None:
+        tr.model.load_state_dict(ckpt["model"])
+        tr.optimizer.load_state_dict(ckpt["optimizer"])
+        tr.scheduler.load_state_dict(ckpt["scheduler"])
+        tr.state.update(ckpt["state"])
+        rng = ckpt["rng"]  # a list (one per rank) when saved by a distributed run
+        ckpt_io.set_rng_state(rng[tr.rt.rank % len(rng)] if isinstance(rng, list) else rng)
+        if tr.rt.main:
+            ckpt_io.trim_metrics(tr.out / "metrics.jsonl", tr.state["step"])
+        s = tr.state
+        tr.say(f"resumed from step {s['step']} (epoch {s['epoch'] + 1}, batch {s['batch_in_epoch']} of "
+               f"{tr.steps_per_epoch}) of {tr.last_path}")
+    else:
+        torch.manual_seed(tr.cfg.train.seed + tr.rt.rank)  # dropout streams differ across ranks
+    if tr.rt.main:
+        (tr.out / "config.json").write_text(json.dumps(tr.cfg.to_dict(), indent=2))
+        n_params = sum(p.numel() for p in tr.model.parameters())
+        cfg = tr.cfg
+        tr.say(f"{cfg.task}/{cfg.model_name} preset={cfg.preset} params={n_params:,} device={tr.rt.device} "
+               f"world={tr.rt.world} steps/epoch={tr.steps_per_epoch} epochs={cfg.train.epochs} -> {tr.out}")
+
+
+def read_resume(cfg: Config, out: Path, rt: Runtime, resume: bool) -> dict | None:
+    """The checkpoint to resume (config checked), None for a fresh run; refuses to overwrite a run."""
+    last = out / "last.pt"
+    if not last.exists():
+        if resume and rt.main:
+            print(f"--resume: no checkpoint at {last}; starting a new run", flush=True)
+        return None
+    if not resume:
+        raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it "
+                              "or choose another --out")
+    ckpt = torch.load(last, map_location=rt.device, weights_only=False)
+    ckpt_io.check_config(ckpt["config"], cfg.to_dict())
+    return ckpt
+
+
+# --- checkpointing -----------------------------------------------------------------------------
+
+def save(tr: Trainer, path: Path) -> None:
+    """Write a checkpoint atomically (collective under torchrun: every rank's RNG state is gathered)."""
+    rng = [None] * tr.rt.world if tr.rt.world > 1 else ckpt_io.rng_state()
+    if tr.rt.world > 1:
+        dist.all_gather_object(rng, ckpt_io.rng_state())
+    if tr.rt.main:
+        ckpt_io.write_atomic({"model": tr.model.state_dict(), "optimizer": tr.optimizer.state_dict(),
+                              "scheduler": tr.scheduler.state_dict(), "state": dict(tr.state), "rng": rng,
+                              "layout": tr.layout(), "config": tr.cfg.to_dict()}, path)
+
+
+# --- evaluation --------------------------------------------------------------------------------
 
 def _all_sum(values: list[float], device: torch.device, world: int) -> list[float]:
     if world == 1:
@@ -172,229 +385,199 @@ def evaluate(model, loader, *, device, amp: bool, n_classes: int, world: int) ->
         hist += torch.bincount(y.cpu(), minlength=n_classes).double()
     stats = _all_sum([loss_sum, correct, count, len_sum] + hist.tolist(), device, world)
     loss_sum, correct, count, len_sum, hist = stats[0], stats[1], stats[2], stats[3], stats[4:]
-    count = max(count, 1.0)
+    if count == 0:
+        raise ValueError("evaluation saw no examples")  # load_splits refuses empty splits before this
     return {"loss": loss_sum / count, "acc": correct / count, "n": int(count), "majority": max(hist) / count,
             "mean_len": len_sum / count}
 
 
-class _MetricsLog:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+def eval_split(tr: Trainer, split: str) -> dict:
+    from experiments.lra.data import collate
 
-    def write(self, **record) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _check_resume_config(stored: dict, cfg: Config) -> None:
-    now = cfg.to_dict()
-    diffs = []
-    for key in ("task", "model_name", "preset"):
-        if stored[key] != now[key]:
-            diffs.append(f"{key}: {stored[key]!r} -> {now[key]!r}")
-    for section in ("data", "model", "optim", "train"):
-        for name, value in now[section].items():
-            if (section, name) not in _RESUME_FREE and stored[section].get(name) != value:
-                diffs.append(f"{section}.{name}: {stored[section].get(name)!r} -> {value!r}")
-    if diffs:
-        raise ValueError("--resume with a different config than the checkpoint: " + "; ".join(diffs))
+    ds = tr.splits[split]
+    loader = DataLoader(ds, batch_size=tr.cfg.data.eval_batch_size or tr.cfg.data.batch_size,
+                        sampler=ShardSampler(len(ds), num_replicas=tr.rt.world, rank=tr.rt.rank),
+                        collate_fn=functools.partial(collate, pad_id=0), num_workers=tr.cfg.data.num_workers,
+                        generator=torch.Generator().manual_seed(0))
+    return evaluate(tr.model, loader, device=tr.rt.device, amp=tr.rt.amp, n_classes=tr.task.n_classes,
+                    world=tr.rt.world)
 
 
-def run(cfg: Config, *, data_dir: Path, out: Path, resume: bool = False) -> dict:
-    """Train, evaluate the best-validation checkpoint on test, write result.json; returns the result."""
-    from experiments.lra.data import collate, load_task, task_info
+def validate(tr: Trainer) -> dict:
+    """Validation at the current step: log it, keep `best.pt` up to date, print a line."""
+    s = tr.state
+    res = eval_split(tr, "val")
+    s["val_step"] = s["step"]
+    tr.log(split="val", step=s["step"], epoch=s["epoch"], loss=res["loss"], acc=res["acc"])
+    if res["acc"] > s["best_val_acc"]:
+        s["best_val_acc"], s["best_step"] = res["acc"], s["step"]
+        save(tr, tr.best_path)
+    tr.say(f"step {s['step']}: val acc {100 * res['acc']:.2f}% loss {res['loss']:.4f} "
+           f"(best {100 * s['best_val_acc']:.2f}% at step {s['best_step']})")
+    return res
 
-    rank, world, device = _setup_device(cfg)
-    main_proc = rank == 0
-    out.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    if last_path.exists() and not resume:
-        raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it "
-                              "or choose another --out")
-    amp = cfg.train.amp and device.type == "cuda"
 
-    info = task_info(cfg.task)
-    splits = load_task(cfg.task, data_dir, max_len=cfg.data.max_len,
-                       pathfinder_resolution=cfg.data.pathfinder_resolution)
-    max_len = info.max_len
-    if cfg.task in ("pathfinder", "pathx") and cfg.data.pathfinder_resolution is not None:
-        max_len = cfg.data.pathfinder_resolution ** 2
-    if cfg.data.max_len is not None:
-        max_len = min(max_len, cfg.data.max_len)
+# --- training loop -----------------------------------------------------------------------------
 
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, n_classes=info.n_classes, vocab_size=info.vocab_size, max_len=max_len,
-                        dual=info.dual, device=device)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.lr, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=info.dual)
+class Stopper:
+    """SIGINT/SIGTERM and --max-steps, agreed across ranks; restores the signal handlers on exit."""
 
-    collate_fn = functools.partial(collate, pad_id=0)
-    sampler = ResumableSampler(splits["train"], num_replicas=world, rank=rank, seed=cfg.train.seed)
-    # A private generator: building a DataLoader iterator must not draw from the global RNG, or a
-    # resumed run's dropout masks would drift from the uninterrupted run's.
-    train_loader = DataLoader(splits["train"], batch_size=cfg.data.batch_size, sampler=sampler,
-                              collate_fn=collate_fn, num_workers=cfg.data.num_workers,
-                              generator=torch.Generator().manual_seed(cfg.train.seed))
-    eval_bs = cfg.data.eval_batch_size or cfg.data.batch_size
+    def __init__(self, tr: Trainer):
+        self.tr, self.signalled, self._old = tr, False, {}
 
-    def eval_loader(split: str) -> DataLoader:
-        ds = splits[split]
-        return DataLoader(ds, batch_size=eval_bs, sampler=ShardSampler(len(ds), num_replicas=world, rank=rank),
-                          collate_fn=collate_fn, num_workers=cfg.data.num_workers,
-                          generator=torch.Generator().manual_seed(0))
+    def __enter__(self) -> Stopper:
+        if threading.current_thread() is threading.main_thread():  # signal handlers only install there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
 
-    steps_per_epoch = math.ceil(sampler.num_samples / cfg.data.batch_size)
-    total_steps = max(cfg.train.epochs * steps_per_epoch, 1)
-    warmup = max(int(cfg.optim.warmup_frac * total_steps), 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        lr_lambda, total=total_steps, warmup=warmup, min_frac=cfg.optim.min_lr_frac))
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_acc": -1.0, "best_step": -1, "val_step": -1,
-             "seconds": 0.0}
-    if resume and last_path.exists():
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
-        _check_resume_config(ckpt["config"], cfg)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state.update(ckpt["state"])
-        rng = ckpt["rng"]  # a list (one per rank) when saved by a distributed run
-        _set_rng_state(rng[rank % len(rng)] if isinstance(rng, list) else rng)
-    else:
-        if resume and main_proc:
-            print(f"--resume: no checkpoint at {last_path}; starting a new run", flush=True)
-        torch.manual_seed(cfg.train.seed + rank)  # dropout streams differ across ranks
-    if main_proc:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"[lra] {cfg.task}/{cfg.model_name} preset={cfg.preset} params={n_params:,} device={device} "
-              f"world={world} steps/epoch={steps_per_epoch} epochs={cfg.train.epochs} -> {out}", flush=True)
-    log = _MetricsLog(out / "metrics.jsonl", main_proc)
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
 
-    def save(path: Path) -> None:
-        rng = [None] * world if world > 1 else _rng_state()
-        if world > 1:
-            dist.all_gather_object(rng, _rng_state())
-        if main_proc:
-            tmp = path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "state": dict(state), "rng": rng,
-                        "config": cfg.to_dict()}, tmp)
-            os.replace(tmp, path)
-
-    def validate() -> dict:
-        res = evaluate(model, eval_loader("val"), device=device, amp=amp, n_classes=info.n_classes, world=world)
-        state["val_step"] = state["step"]
-        log.write(split="val", step=state["step"], epoch=state["epoch"], loss=res["loss"], acc=res["acc"])
-        if res["acc"] > state["best_val_acc"]:
-            state["best_val_acc"], state["best_step"] = res["acc"], state["step"]
-            save(best_path)
-        if main_proc:
-            print(f"[lra] step {state['step']}: val acc {100 * res['acc']:.2f}% loss {res['loss']:.4f} "
-                  f"(best {100 * state['best_val_acc']:.2f}% at step {state['best_step']})", flush=True)
-        return res
-
-    stop_signal = {"flag": False}
-
-    def on_signal(signum, frame):
-        stop_signal["flag"] = True
-
-    old_handlers = {}
-    if threading.current_thread() is threading.main_thread():  # signal handlers only install there
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old_handlers[sig] = signal.signal(sig, on_signal)
-
-    def should_stop() -> bool:
-        flag = stop_signal["flag"] or (cfg.train.max_steps is not None and state["step"] >= cfg.train.max_steps)
-        if world > 1:
-            t = torch.tensor([float(flag)], device=device)
+    def __call__(self) -> bool:
+        max_steps = self.tr.cfg.train.max_steps
+        flag = self.signalled or (max_steps is not None and self.tr.state["step"] >= max_steps)
+        if self.tr.rt.world > 1:
+            t = torch.tensor([float(flag)], device=self.tr.rt.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item())
         return flag
 
+
+def train_step(tr: Trainer, x, lengths, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch; returns (loss, logits)."""
+    device, cfg = tr.rt.device, tr.cfg
+    tr.ddp_model.train()
+    x, lengths, y = x.to(device), lengths.to(device), y.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.rt.amp):
+        logits = tr.ddp_model(x, lengths)  # (B, n_classes)
+    loss = torch.nn.functional.cross_entropy(logits.float(), y)
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip > 0:  # 0 (or less) disables clipping
+        torch.nn.utils.clip_grad_norm_(tr.model.parameters(), cfg.optim.grad_clip)
+    tr.optimizer.step()
+    tr.scheduler.step()
+    return loss, logits
+
+
+def _after_step(tr: Trainer, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+    """Bookkeeping of one step: counters, time, train log, periodic validation and checkpoint."""
+    s, cfg = tr.state, tr.cfg
+    s["step"] += 1
+    s["batch_in_epoch"] += 1
+    now = time.perf_counter()
+    s["seconds"] += now - tr.tick
+    tr.tick = now
+    if s["step"] % cfg.train.log_every == 0 or s["step"] == 1:
+        acc = float((logits.argmax(-1) == y.to(logits.device)).float().mean())
+        tr.log(split="train", step=s["step"], epoch=s["epoch"], loss=loss.item(), acc=acc,
+               lr=tr.scheduler.get_last_lr()[0], seconds=s["seconds"])
+    if cfg.train.eval_every and s["step"] % cfg.train.eval_every == 0:
+        validate(tr)
+    every = getattr(cfg.train, "checkpoint_every", None)
+    if every and s["step"] % every == 0:
+        save(tr, tr.last_path)
+
+
+def train_epoch(tr: Trainer, should_stop: Stopper) -> bool:
+    """Train from the current position to the end of the epoch; True when stopped early."""
     from tqdm.auto import tqdm
 
-    stopped = should_stop()
+    s, cfg = tr.state, tr.cfg
+    tr.sampler.set_epoch(s["epoch"])
+    tr.sampler.start = s["batch_in_epoch"] * cfg.data.batch_size
+    bar = tqdm(total=tr.steps_per_epoch, initial=s["batch_in_epoch"], dynamic_ncols=True,
+               desc=f"epoch {s['epoch'] + 1}/{cfg.train.epochs}", disable=not (cfg.train.progress and tr.rt.main))
+    tr.tick = time.perf_counter()
     try:
-        while not stopped and state["epoch"] < cfg.train.epochs:
-            sampler.set_epoch(state["epoch"])
-            sampler.start = state["batch_in_epoch"] * cfg.data.batch_size
-            bar = tqdm(total=steps_per_epoch, initial=state["batch_in_epoch"], dynamic_ncols=True,
-                       desc=f"epoch {state['epoch'] + 1}/{cfg.train.epochs}",
-                       disable=not (cfg.train.progress and main_proc))
-            t0 = time.perf_counter()
-            for x, lengths, y in train_loader:
-                ddp_model.train()
-                x, lengths, y = x.to(device), lengths.to(device), y.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = ddp_model(x, lengths)  # (B, n_classes)
-                loss = torch.nn.functional.cross_entropy(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                state["step"] += 1
-                state["batch_in_epoch"] += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                if state["step"] % cfg.train.log_every == 0 or state["step"] == 1:
-                    acc = float((logits.argmax(-1) == y).float().mean())
-                    log.write(split="train", step=state["step"], epoch=state["epoch"], loss=loss.item(), acc=acc,
-                              lr=scheduler.get_last_lr()[0],
-                              seconds=state["seconds"] + time.perf_counter() - t0)
-                if cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0:
-                    validate()
-                if should_stop():
-                    stopped = True
-                    break
-            bar.close()
-            state["seconds"] += time.perf_counter() - t0
-            if stopped:
-                save(last_path)
-                if main_proc:
-                    why = "signal" if stop_signal["flag"] else f"--max-steps {cfg.train.max_steps}"
-                    print(f"[lra] stopped at step {state['step']} ({why}); checkpoint {last_path}", flush=True)
-                break
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            if state["val_step"] != state["step"]:  # eval_every may have just validated these weights
-                validate()
-            save(last_path)
+        for x, lengths, y in tr.train_loader:
+            loss, logits = train_step(tr, x, lengths, y)
+            _after_step(tr, loss, logits, y)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if should_stop():
+                return True
+        return False
     finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
+        bar.close()
 
-    if stop_signal["flag"]:
-        if world > 1:
-            dist.barrier()
-        return {"interrupted": True, "step": state["step"]}
-    if state["val_step"] != state["step"]:
-        validate()  # a run cut short by --max-steps has no epoch-end validation of its last weights
-    if world > 1:
+
+def train_loop(tr: Trainer, should_stop: Stopper) -> bool:
+    """All remaining epochs (validation and checkpoint at each end); True when stopped early."""
+    s = tr.state
+    stopped = should_stop()
+    while not stopped and s["epoch"] < tr.cfg.train.epochs:
+        stopped = train_epoch(tr, should_stop)
+        if stopped:
+            if not should_stop.signalled and s["val_step"] != s["step"]:
+                validate(tr)  # --max-steps: validate the last weights before they are checkpointed
+            save(tr, tr.last_path)
+            why = "signal" if should_stop.signalled else f"--max-steps {tr.cfg.train.max_steps}"
+            tr.say(f"stopped at step {s['step']} ({why}); checkpoint {tr.last_path}")
+            break
+        s["epoch"] += 1
+        s["batch_in_epoch"] = 0
+        if s["val_step"] != s["step"]:  # eval_every may have just validated these weights
+            validate(tr)
+        save(tr, tr.last_path)
+    return stopped
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+def finish(tr: Trainer, stopped: bool) -> dict:
+    """Test the best-validation checkpoint, write result.json and print the result line."""
+    s, cfg, rt = tr.state, tr.cfg, tr.rt
+    if s["val_step"] != s["step"]:
+        validate(tr)  # e.g. --max-steps 0 on a fresh run: nothing validated yet
+    if rt.world > 1:
         dist.barrier()
-    best = torch.load(best_path, map_location=device, weights_only=False)
-    model.load_state_dict(best["model"])
-    test = evaluate(model, eval_loader("test"), device=device, amp=amp, n_classes=info.n_classes, world=world)
-    log.write(split="test", step=best["state"]["step"], loss=test["loss"], acc=test["acc"])
+    best = torch.load(tr.best_path, map_location=rt.device, weights_only=False)
+    tr.model.load_state_dict(best["model"])
+    test = eval_split(tr, "test")
+    tr.log(split="test", step=best["state"]["step"], loss=test["loss"], acc=test["acc"])
     result = {"task": cfg.task, "model": cfg.model_name, "preset": cfg.preset, "test_acc": test["acc"],
               "test_loss": test["loss"], "n_test": test["n"], "majority_rate": test["majority"],
               "test_mean_len": test["mean_len"],
-              "best_val_acc": state["best_val_acc"], "best_step": state["best_step"], "steps": state["step"],
-              "epochs_done": state["epoch"], "train_seconds": state["seconds"], "completed": not stopped,
-              "n_params": sum(p.numel() for p in model.parameters()), "config": cfg.to_dict()}
-    if main_proc:
-        (out / "result.json").write_text(json.dumps(result, indent=2))
+              "best_val_acc": s["best_val_acc"], "best_step": s["best_step"], "steps": s["step"],
+              "epochs_done": s["epoch"], "train_seconds": s["seconds"], "completed": not stopped,
+              "n_params": sum(p.numel() for p in tr.model.parameters()), "config": cfg.to_dict()}
+    if rt.main:
+        (tr.out / "result.json").write_text(json.dumps(result, indent=2))
         print(f"\n[lra] TEST ACCURACY {cfg.task}/{cfg.model_name}: {100 * test['acc']:.2f}%  "
               f"(n={test['n']}, majority class {100 * test['majority']:.2f}%, best val "
-              f"{100 * state['best_val_acc']:.2f}% at step {state['best_step']}) -> {out / 'result.json'}", flush=True)
+              f"{100 * s['best_val_acc']:.2f}% at step {s['best_step']}) -> {tr.out / 'result.json'}", flush=True)
     return result
+
+
+def run(cfg: Config, *, data_dir: Path, out: Path, resume: bool = False, force: bool = False) -> dict:
+    """Train, evaluate the best-validation checkpoint on test, write result.json; returns the result.
+
+    Everything that can refuse the run (config, checkpoint to resume, data, memory) happens before
+    the run folder is created or touched.
+    """
+    validate_config(cfg)
+    rt = setup_device(cfg)
+    ckpt = read_resume(cfg, out, rt, resume)
+    splits = load_splits(cfg, data_dir, rt)
+    tr = build(cfg, rt, splits, out)
+    if ckpt is not None:
+        ckpt_io.check_layout(ckpt.get("layout"), tr.layout(), tr.last_path)
+    check_memory(tr, force=force)
+    out.mkdir(parents=True, exist_ok=True)
+    start(tr, ckpt)
+    with Stopper(tr) as should_stop:
+        stopped = train_loop(tr, should_stop)
+    if should_stop.signalled:
+        if rt.world > 1:
+            dist.barrier()
+        return {"interrupted": True, "step": tr.state["step"]}
+    return finish(tr, stopped)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -406,7 +589,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     try:
-        return run(cfg, data_dir=args.data_dir, out=args.out, resume=args.resume)
+        return run(cfg, data_dir=args.data_dir, out=args.out, resume=args.resume, force=args.force)
     finally:
         torch.set_num_threads(threads)  # callers in the same process keep their setting
         if dist.is_initialized():
@@ -416,5 +599,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, FileExistsError) as err:  # missing data / occupied run folder: no traceback
+    except (FileNotFoundError, FileExistsError, MemoryError, ValueError) as err:  # no traceback for these
         sys.exit(f"error: {err}")

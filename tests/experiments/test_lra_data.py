@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 
 from experiments.lra import listops
-from experiments.lra.data import LISTOPS_VOCAB, TASKS, collate, load_task, task_info
+from experiments.lra.data import LISTOPS_VOCAB, collate, load_task
 from experiments.lra.fixtures import write_fixtures
+from experiments.lra.tasks import TASKS
+from experiments.lra.tasks import task as task_info
 
 SPLIT_SIZES = {
     "listops": (8, 8, 8),
@@ -31,19 +33,19 @@ def test_every_task_reads_back(tmp_path, task):
         for i in range(len(ds[split])):
             ids, label = ds[split][i]
             assert ids.dtype == torch.long
-            assert ids.dim() == (2 if info.dual else 1)
-            if info.dual:
+            assert ids.dim() == (2 if info.two_tower else 1)
+            if info.two_tower:
                 assert ids.shape[0] == 2
-            assert 0 < ids.shape[-1] <= info.max_len
+            assert 0 < ids.shape[-1] <= info.seq_len
             assert int(ids.min()) >= 0 and int(ids.max()) < info.vocab_size
             assert isinstance(label, int) and 0 <= label < info.n_classes
             labels.add(label)
         assert len(labels) >= 2, f"{task}/{split}: a single class in the fixture"
     x, lengths, y = collate([ds["train"][i] for i in range(4)])
     assert y.shape == (4,) and x.shape[0] == 4
-    assert lengths.shape == ((4, 2) if info.dual else (4,))
+    assert lengths.shape == ((4, 2) if info.two_tower else (4,))
     if task in ("image", "pathfinder", "pathx"):
-        assert x.shape == (4, info.max_len) and (lengths == info.max_len).all()
+        assert x.shape == (4, info.seq_len) and (lengths == info.seq_len).all()
 
 
 def test_listops_tokens_and_labels(tmp_path):

@@ -26,7 +26,7 @@ def test_table_rows_and_averages(tmp_path, capsys):
     assert text == capsys.readouterr().out.rstrip("\n")
     lines = text.splitlines()
     assert lines[0] == "| model | ListOps | Text | Retrieval | Image | Pathfinder | Path-X | Avg |"
-    # Published rows from SPEC section 6, with the LRA average (Path-X failure counts as 50).
+    # Published rows, with the LRA average (Path-X failure counts as 50).
     assert "| Transformer (LRA paper) (published) | 36.37 | 64.27 | 57.46 | 42.44 | 71.40 | fail | 53.66 |" in lines
     assert "| S4 (updated, LegS) (published) | 59.60 | 86.82 | 90.90 | 88.65 | 94.20 | 96.35 | 86.09 |" in lines
     assert "| S4D-LegS (published) | 60.47 | 86.18 | 89.46 | 88.19 | 93.06 | 91.95 | 84.89 |" in lines

@@ -90,7 +90,7 @@ def test_cli_rejects_unknown_field(capsys):
 
 
 def test_paper_presets_match_spec():
-    # SPEC section 6 table: d_model, d_state, lr, batch, epochs.
+    # Published S4 LRA settings (docs/lra.md): d_model, d_state, lr, batch, epochs.
     spec = {"listops": (256, 4, 0.01, 32, 40), "text": (256, 4, 0.01, 16, 32), "retrieval": (256, 4, 0.01, 64, 20),
             "image": (512, 64, 0.01, 50, 200), "pathfinder": (256, 64, 0.004, 64, 200),
             "pathx": (256, 64, 0.001, 16, 50)}

@@ -1,4 +1,6 @@
-"""Pathfinder generator: label geometry from its own record, dash rules, rendering, determinism, CLI."""
+"""Pathfinder generator: documented settings, label geometry from its own record, dash rules,
+distractor counts, margins, intensities, rendering, determinism, CLIs."""
+import dataclasses
 import math
 
 import numpy as np
@@ -35,21 +37,23 @@ def _check_geometry(cfg, geom, label):
         for j, snake in enumerate(geom.snakes):
             if j != s:
                 dist = np.linalg.norm(_points(snake, 33) - marker, axis=-1).min()
-                assert dist >= cfg.marker_radius + cfg.margin - 0.5, f"snake {j} runs under a marker"
+                assert dist >= cfg.marker_radius + geom.margin - 0.5, f"snake {j} runs under a marker"
+    assert geom.margin in cfg.margins
+    assert len(geom.intensities) == len(geom.snakes)
     # Dash rules: length, gap to the previous dash = margin, turn within the continuity limit.
     max_turn = math.pi / (2 * cfg.continuity)
     for snake in geom.snakes:
         lengths = np.linalg.norm(snake[:, 1] - snake[:, 0], axis=-1)
         assert np.allclose(lengths, cfg.paddle_length)
         gaps = np.linalg.norm(snake[1:, 0] - snake[:-1, 1], axis=-1)
-        assert np.allclose(gaps, cfg.margin)
+        assert np.allclose(gaps, geom.margin)
         d = snake[:, 1] - snake[:, 0]
         cos = (d[1:] * d[:-1]).sum(-1) / (lengths[1:] * lengths[:-1])
         assert (np.arccos(np.clip(cos, -1, 1)) <= max_turn + 1e-9).all()
-        assert ((snake >= 0) & (snake <= cfg.resolution)).all()
+        assert ((snake >= cfg.padding) & (snake <= cfg.resolution - cfg.padding)).all()
     # Different snakes never touch: clearance at least margin + thickness/2, less one
     # occupancy cell's half diagonal (the mask is a grid). So label 0 really is disconnected.
-    bound = cfg.margin + cfg.thickness / 2 - math.sqrt(2) / (2 * pathfinder.OCC_SCALE) - 1e-9
+    bound = geom.margin + cfg.thickness / 2 - math.sqrt(2) / (2 * pathfinder.OCC_SCALE) - 1e-9
     pts = [_points(s) for s in geom.snakes]
     for i in range(len(pts)):
         for j in range(i + 1, len(pts)):
@@ -71,6 +75,83 @@ def test_label_geometry_by_construction(resolution, contour_length, n):
                 assert pixels[int(y), int(x)] >= 200
             if contour_length == 14:
                 assert len(geom.snakes) > 2  # distractors present
+
+
+# The per-resolution settings documented for the LRA release: google-research/long-range-arena,
+# lra_benchmarks/data/pathfinder.py (docstrings of Pathfinder32, Pathfinder64, Pathfinder128), which
+# list what was changed from the defaults of drewlinsley/pathfinder's snakes2_wrapper.py (Args:
+# paddle_length 5, paddle_contrast_list [1.0]). Where a docstring sets a value twice (antialias_scale
+# 4, then 2), the later one is what ran. Distractors: distractor_length = 14 / 3 and
+# num_distractor_snakes = budget / distractor_length in Python 2 integer arithmetic.
+DOCUMENTED = {
+    32: dict(paddle_length=2, thickness=0.5, supersample=2, margins=(1,), marker_radius=1.5,
+             seed_distance=7, continuity=1.0, padding=1, snake_contrasts=(2,), paddle_contrasts=(0.75,),
+             distractor_length=4, distractors=5),        # 20 // (14 // 3)
+    64: dict(paddle_length=5, thickness=1, supersample=2, margins=(1,), marker_radius=2.5,
+             seed_distance=12, continuity=1.8, padding=1, snake_contrasts=(0.8,), paddle_contrasts=(1.0,),
+             distractor_length=4, distractors=5),        # 22 / (14 / 3) in Python 2
+    128: dict(paddle_length=5, thickness=1.5, supersample=2, margins=(2, 3), marker_radius=3,
+              seed_distance=20, continuity=1.8, padding=1, snake_contrasts=(0.9,), paddle_contrasts=(1.0,),
+              distractor_length=4, distractors=8),       # 35 / (14 / 3) in Python 2 (7.5 -> 8 either way)
+}
+
+
+@pytest.mark.parametrize("resolution", sorted(DOCUMENTED))
+def test_preset_equals_documented_settings(resolution):
+    cfg = pathfinder.preset(resolution, 14)
+    assert cfg.resolution == resolution and cfg.contour_length == 14
+    for key, value in DOCUMENTED[resolution].items():
+        got = getattr(cfg, key)
+        assert (tuple(map(float, got)) == tuple(map(float, value)) if isinstance(value, tuple)
+                else float(got) == float(value)), f"{resolution} px {key}: {got!r} != documented {value!r}"
+
+
+def test_distractor_count_and_length_follow_the_budget():
+    # Other difficulties use the same rule: contour_length // 3 dashes, budget // that many snakes.
+    cfg = pathfinder.preset(32, 6)
+    assert (cfg.distractor_length, cfg.distractors) == (2, 10)
+    assert pathfinder.preset(128, 9).distractors == 35 // 3
+    assert dataclasses.replace(cfg, n_distractors=3).distractors == 3
+
+
+@pytest.mark.parametrize("resolution,n", [(32, 12), (128, 12)])
+def test_generated_distractors_margins_and_seed(resolution, n):
+    cfg = pathfinder.preset(resolution, 14)
+    counts, margins = [], []
+    lo, hi = 2 * cfg.seed_distance, cfg.resolution - 2 * cfg.seed_distance
+    for i in range(n):
+        _, _, geom = pathfinder.generate_sample(cfg, pathfinder.image_rng(11, i))
+        counts.append(len(geom.snakes) - 2)
+        margins.append(geom.margin)
+        assert all(len(d) == cfg.distractor_length for d in geom.snakes[2:])
+        # The start tip of the target that grew first lies in the central square (the other one is
+        # seed_distance away); which of the two is snakes[0] is random.
+        tips = [geom.snakes[0][0, 0], geom.snakes[1][0, 0]]
+        assert any(((t >= lo) & (t <= hi)).all() for t in tips)
+    # A distractor is left out only after 5 failed tries; on these canvases that is rare.
+    assert max(counts) == cfg.distractors and np.mean(counts) >= 0.9 * cfg.distractors, counts
+    assert set(margins) == set(cfg.margins), margins  # 128 px: both 2 and 3 occur in 12 images
+
+
+def test_intensities_follow_the_contrast_settings():
+    cfg = pathfinder.preset(32, 14)  # targets 2 * 0.75, distractors 2, markers 1
+    pixels, _, geom = pathfinder.generate_sample(cfg, pathfinder.image_rng(2, 0))
+    assert all(np.allclose(v, 1.5) for v in geom.intensities[:2])
+    assert all(np.allclose(v, 2.0) for v in geom.intensities[2:])
+    assert pixels.max() == 255  # the brightest pixel is stretched to white, as the original writer did
+    cfg2 = dataclasses.replace(cfg, snake_contrasts=(1.0, 3.0), paddle_contrasts=(0.5, 1.0))
+    _, _, g2 = pathfinder.generate_sample(cfg2, pathfinder.image_rng(2, 1))
+    for v in g2.intensities[:2]:  # one snake contrast per target times a paddle contrast per dash
+        assert any(set(np.round(v / mu, 9)) <= {0.5, 1.0} for mu in (1.0, 3.0)), v
+    assert all(set(np.round(v, 9)) <= {1.0, 3.0} for v in g2.intensities[2:])
+
+
+def test_sample_sheet_cli(tmp_path):
+    assert pathfinder.main(["--out", str(tmp_path), "--resolution", "32"]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "pathfinder-32.png") as im:
+        assert im.mode == "L" and im.size[0] > 4 * 256
 
 
 def test_images_look_like_pathfinder():

@@ -1,0 +1,93 @@
+"""Checkpoints of an LRA run: atomic writes, what a checkpoint records, and the checks on resume.
+
+A checkpoint holds the model, optimizer and scheduler states, every random number state (one per
+rank), the training position (`state`: step, epoch, batch inside the epoch, best validation so far)
+and the run's `layout`: world size, per-rank and global batch, steps per epoch and the schedule's
+total steps. Resuming continues that exact run: the config (except fields that do not change the
+result) and the layout must match, otherwise the resume is refused with a message naming what
+differs. A different world size would change the data shards, the per-rank batch-norm statistics and
+dropout streams, and (for a different global batch) the schedule, so it is refused rather than
+approximated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Fields that may differ between a run and its --resume without changing the result.
+RESUME_FREE = {("train", "max_steps"), ("train", "progress"), ("train", "threads"), ("data", "num_workers"),
+               ("train", "checkpoint_every")}
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file next to `path`, then rename it over `path` (never half-written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def check_config(stored: dict, now: dict) -> None:
+    """Refuse a resume whose config differs from the checkpoint's in a field that changes the run."""
+    diffs = [f"{key}: {stored[key]!r} -> {now[key]!r}" for key in ("task", "model_name", "preset")
+             if stored[key] != now[key]]
+    for section in ("data", "model", "optim", "train"):
+        for name, value in now[section].items():
+            if (section, name) not in RESUME_FREE and stored[section].get(name) != value:
+                diffs.append(f"{section}.{name}: {stored[section].get(name)!r} -> {value!r}")
+    if diffs:
+        raise ValueError("--resume with a different config than the checkpoint: " + "; ".join(diffs))
+
+
+def check_layout(stored: dict | None, now: dict, path: Path) -> None:
+    """Refuse a resume under another world size / batch / schedule length than the checkpoint's."""
+    if stored is None:
+        raise ValueError(f"{path} records no world size or batch layout (written by an older version); "
+                         "it cannot be resumed exactly. Start a new run in another --out")
+    diffs = [f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in now.items() if stored.get(k) != v]
+    if diffs:
+        hint = ""
+        if stored.get("world_size") != now.get("world_size"):
+            hint = (f". Resume with the same number of processes as the run that wrote it "
+                    f"(torchrun --nproc_per_node {stored.get('world_size')}" + ")"
+                    if stored.get("world_size", 1) > 1 else
+                    ". Resume it as a single process (no torchrun)")
+        raise ValueError(f"{path} was written with a different run layout; resuming would change the data "
+                         f"order and the learning-rate schedule ({'; '.join(diffs)}){hint}")
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop records after `step` and any test record from `metrics.jsonl`; returns how many were dropped.
+
+    A run that is resumed from step `step` repeats everything after it; without this the log would
+    hold those steps twice.
+    """
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and _keep(json.loads(line), step)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
+def _keep(record: dict, step: int) -> bool:
+    return record.get("split") != "test" and record.get("step", 0) <= step

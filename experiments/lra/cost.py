@@ -1,0 +1,264 @@
+"""What the full LRA runs cost: `python -m experiments.lra.cost [--tasks ...] [--models ...] [--markdown]`.
+
+For every task x model at `--preset paper`, in a fresh subprocess each (so peak memory is its own):
+- FLOPs of one training step (forward + backward) counted by `torch.utils.flop_counter.FlopCounterMode`
+  at batch 1 and 2 and extrapolated linearly to the preset's batch (the SSM filter is computed once
+  per step whatever the batch: that part is the intercept). FlopCounterMode counts matrix products,
+  convolutions and attention only; it does not count FFTs, so every FFT call (`aten._fft_r2c`,
+  `_fft_c2r`, `_fft_c2c`) is added with the radix-2 count 5 n log2 n per complex transform of length
+  n (2.5 n log2 n for a real one). Elementwise work (the Vandermonde/Cauchy exponentials, norms,
+  activations) is not counted, and a complex matmul counts like a real one: the totals are lower
+  bounds of the arithmetic.
+- the forward FLOPs of one example (validation passes),
+- one measured CPU training step (AdamW) at the full sequence length and batch `--batch` (default 1),
+  after one unmeasured step; the peak resident memory added by the steps (float32, CPU),
+- from the FLOPs an estimate of the GPU hours of the whole run (epochs x training steps + one
+  validation pass per epoch) on one H100 at `--utilization` of its dense bf16 peak (989 TFLOP/s),
+  next to the published per-epoch times of S4 (state-spaces/s4 `models/s4/experiments.md`).
+
+Timings come from a shared, busy 2-core machine: noisy, for orientation only. Tasks: `docs/lra.md`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from experiments.lra import config as C
+from experiments.lra.tasks import task as task_info
+
+H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM dense bf16 peak (NVIDIA datasheet)
+# state-spaces/s4 models/s4/experiments.md: S4 minutes per epoch and the GPU they were timed on.
+PUBLISHED_EPOCH = {"listops": (15, "T4"), "text": (17, "T4"), "retrieval": (23, "A100"), "image": (2, "A100"),
+                   "pathfinder": (7, "A100"), "pathx": (56, "A100")}
+
+
+def _fft_flops(n: int, count: int, complex_input: bool) -> int:
+    per = 5.0 * n * math.log2(max(n, 2))
+    return int(count * (per if complex_input else per / 2))
+
+
+def _numel(shape) -> int:
+    return int(math.prod(shape))
+
+
+def _r2c(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    n = _numel([x_shape[d] for d in dim])
+    return _fft_flops(n, _numel(x_shape) // n, False)
+
+
+def _c2r(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    n = _numel([out_shape[d] for d in dim])
+    return _fft_flops(n, _numel(out_shape) // n, False)
+
+
+def _c2c(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    n = _numel([x_shape[d] for d in dim])
+    return _fft_flops(n, _numel(x_shape) // n, True)
+
+
+def fft_flop_mapping() -> dict:
+    """FlopCounterMode `custom_mapping` adding the FFT counts (see the module docstring)."""
+    aten = torch.ops.aten
+    return {aten._fft_r2c: _r2c, aten._fft_c2r: _c2r, aten._fft_c2c: _c2c}
+
+
+def example_batch(cfg: C.Config, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random full-length inputs (B, L) or (B, 2, L) and labels: the shapes of a paper-preset step."""
+    info = task_info(cfg.task)
+    L = C.sequence_length(cfg)
+    shape = (batch, 2, L) if info.two_tower else (batch, L)
+    low = 0 if info.is_pixel else 1  # id 0 is padding for token tasks
+    x = torch.randint(low, info.vocab_size, shape, generator=generator)
+    y = torch.randint(0, info.n_classes, (batch,), generator=generator)
+    return x, y
+
+
+def layer_options_note(cfg: C.Config) -> str:
+    """Fall back to the layer's defaults for S4 options this checkout's S4Block lacks (cost is
+    unchanged to first order: they change which parameters are shared, not the arithmetic)."""
+    if cfg.model_name == "transformer":
+        return ""
+    import inspect
+
+    from ssm.layers.block import S4Block
+    params = inspect.signature(S4Block).parameters
+    missing = [n for n in ("n_ssm", "dt_transform", "dt_lr", "tie_dropout") if n not in params]
+    if not missing:
+        return ""
+    cfg.model.n_ssm, cfg.model.dt_transform, cfg.model.tie_dropout = None, "exp", False
+    cfg.optim.dt_lr = cfg.optim.ssm_lr = cfg.optim.ssm_lr or 1e-3
+    return "layer defaults for " + ", ".join(missing)
+
+
+def _train_flops(model, cfg, batch: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = example_batch(cfg, batch, torch.Generator().manual_seed(1))
+    counter = FlopCounterMode(display=False, custom_mapping=fft_flop_mapping())
+    with counter:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def _forward_flops(model, cfg) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, _ = example_batch(cfg, 1, torch.Generator().manual_seed(2))
+    counter = FlopCounterMode(display=False, custom_mapping=fft_flop_mapping())
+    model.eval()
+    with torch.no_grad(), counter:
+        model(x)
+    model.train()
+    return counter.get_total_flops()
+
+
+def _rss_status(key: str) -> int:
+    """VmRSS / VmHWM of this process in bytes (Linux), 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:  # "5" resets the peak resident set size VmHWM (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _timed_steps(model, cfg, batch: int) -> tuple[float, int]:
+    """Seconds of the second of two AdamW steps at `batch`, and the peak RSS they added (bytes)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = example_batch(cfg, batch, torch.Generator().manual_seed(3))
+    rss0 = _rss_status("VmRSS")
+    if not _reset_peak_rss():
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    seconds = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        seconds = time.perf_counter() - t0
+    peak = _rss_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return seconds, max(peak - rss0, 0)
+
+
+def measure_case(task: str, model_name: str, batch: int, timed: bool = True) -> dict:
+    """All numbers of one task x model (runs in the calling process)."""
+    from experiments.lra.models import build_model
+
+    torch.manual_seed(0)
+    cfg = C.preset_config(task, model_name, "paper")
+    note = layer_options_note(cfg)
+    model = build_model(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    timing = _timed_steps(model, cfg, batch) if timed else None  # first: the FLOP passes raise the peak
+    f1, f2 = _train_flops(model, cfg, 1), _train_flops(model, cfg, 2)
+    out = {"task": task, "model": model_name, "seq_len": C.sequence_length(cfg), "params": n_params,
+           "paper_batch": cfg.data.batch_size, "flops_b1": f1, "flops_b2": f2,
+           "flops_step": f1 + (f2 - f1) * (cfg.data.batch_size - 1), "flops_fwd_example": _forward_flops(model, cfg),
+           "note": note, "batch": batch}
+    if timing is not None:
+        out["cpu_step_s"], out["peak_rss_bytes"] = timing
+    return out
+
+
+def run_steps(task: str, model_name: str) -> int:
+    """Optimizer steps of the whole paper run (the schedule's own count where it is step-bounded)."""
+    cfg = C.preset_config(task, model_name, "paper")
+    per_epoch = math.ceil(task_info(task).n_train / cfg.data.batch_size)
+    steps = cfg.train.epochs * per_epoch
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps is not None else steps
+
+
+def gpu_hours(row: dict, utilization: float) -> float:
+    """Estimated H100 hours of the whole run: training steps plus one validation pass per epoch."""
+    cfg = C.preset_config(row["task"], row["model"], "paper")
+    steps = run_steps(row["task"], row["model"])
+    epochs = math.ceil(steps * cfg.data.batch_size / task_info(row["task"]).n_train)
+    val = epochs * task_info(row["task"]).n_val * row["flops_fwd_example"]
+    return (steps * row["flops_step"] + val) / (H100_BF16_DENSE * utilization) / 3600.0
+
+
+def _subprocess_case(task: str, model: str, batch: int, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "experiments.lra.cost", "--one", task, model, "--batch", str(batch)]
+    env = dict(os.environ, SSMKIT_DISABLE_TRITON="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"task": task, "model": model, "error": f"timed out after {timeout:.0f} s"}
+    if res.returncode != 0:
+        return {"task": task, "model": model, "error": res.stderr.strip().splitlines()[-1][:200]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _fmt_flops(f: float) -> str:
+    return f"{f / 1e12:.2f} T" if f >= 1e11 else f"{f / 1e9:.1f} G"
+
+
+def markdown(rows: list[dict], utilization: float) -> str:
+    """The README section between the `cost` markers."""
+    lines = ["| task | model | length | params | batch | FLOPs / step | CPU s / step (batch) | peak RSS added "
+             "| steps | est. H100 h | published S4 |", "|---" * 11 + "|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['task']} | {r['model']} | | | | | {r['error']} | | | | |")
+            continue
+        minutes, gpu = PUBLISHED_EPOCH[r["task"]]
+        epochs = C.preset_config(r["task"], r["model"], "paper").train.epochs
+        published = f"{minutes} min/epoch ({gpu}) = {minutes * epochs / 60:.1f} h" if r["model"] == "s4" else ""
+        rss = f"{r['peak_rss_bytes'] / 2**30:.2f} GiB" if "peak_rss_bytes" in r else ""
+        cpu = f"{r['cpu_step_s']:.1f} ({r['batch']})" if "cpu_step_s" in r else ""
+        lines.append(f"| {r['task']} | {r['model']} | {r['seq_len']} | {r['params'] / 1e6:.2f} M | {r['paper_batch']} "
+                     f"| {_fmt_flops(r['flops_step'])} | {cpu} | {rss} | {run_steps(r['task'], r['model'])} "
+                     f"| {gpu_hours(r, utilization):.1f} | {published} |")
+    notes = sorted({r["note"] for r in rows if r.get("note")})
+    return "\n".join(lines + [""] + [f"Measured with {n} (not yet in this checkout)." for n in notes])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m experiments.lra.cost", description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=list(C.TASKS), choices=C.TASKS)
+    p.add_argument("--models", nargs="+", default=list(C.MODELS), choices=C.MODELS)
+    p.add_argument("--batch", type=int, default=1, help="batch of the measured CPU steps")
+    p.add_argument("--utilization", type=float, default=0.3, help="fraction of the H100 bf16 dense peak")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    p.add_argument("--no-time", action="store_true", help="count FLOPs only (no measured steps)")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--one", nargs=2, metavar=("TASK", "MODEL"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.one:
+        print(json.dumps(measure_case(*args.one, batch=args.batch, timed=not args.no_time)))
+        return
+    rows = []
+    for task in args.tasks:
+        for model in args.models:
+            rows.append(_subprocess_case(task, model, args.batch, args.timeout))
+            print(f"[cost] {task} {model}: {rows[-1]}", file=sys.stderr, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(markdown(rows, args.utilization))
+
+
+if __name__ == "__main__":
+    main()
