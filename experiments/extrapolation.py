@@ -1,4 +1,6 @@
-"""Length-extrapolation study: train at L_train, evaluate at 1x, 2x, 4x, 8x L_train (issue 5).
+"""Length-extrapolation study: train at L_train, evaluate at 1x, 2x, 4x, 8x L_train.
+
+Task, models and outputs: docs/rope.md#the-extrapolation-study.
 
     python -m experiments.extrapolation --preset cpu --out results/extrapolation
     python -m experiments.extrapolation --preset tiny --out /tmp/x --steps 20    # any Config field

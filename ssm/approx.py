@@ -1,4 +1,7 @@
-"""Online function approximation with HiPPO (SPEC 1 and 2): signal -> coefficients -> signal.
+"""Online function approximation with HiPPO: signal -> coefficients -> signal.
+
+The math: docs/hippo.md#online-approximation-and-reconstruction (measures and readout) and
+docs/discretization.md (the steps).
 
 - `basis(measure, N, s)` evaluates the functions that the state coefficients multiply, at the
   "age" `s` of a point (how long before the current time it lies).
@@ -6,16 +9,16 @@
   coefficients after every sample `(B, L, N)`; `.reconstruct(c, length)` rebuilds the last `length`
   samples from the coefficients at one time.
 
-Time conventions (the task left them open; these make every step exact where it can be):
+Time conventions (chosen so that every step is exact where it can be):
 - Sample k (1-based) of a time-invariant system holds `u_k` on `((k-1) dt, k dt]`; its point is the
   midpoint, age `(k_now - k + 1/2) dt`. The state starts at 0 (the signal is 0 before time 0).
   Default `dt = 1/L`: the whole signal spans one time unit, so with the default `theta = 1` the LegT
   / FouT window is exactly the whole signal.
 - `theta` is the memory horizon in time units for every time-invariant measure: the LegT window,
-  the FouT window (the SPEC "fout" matrix has window 2, so it is rescaled by `2/theta`), and the
-  LagT time scale (`A/theta, B/theta`, measure `exp(-s/theta)`).
+  the FouT window (the "fout" matrix of `ssm.hippo.transition` has window 2, so it is rescaled by
+  `2/theta`), and the LagT time scale (`A/theta, B/theta`, measure `exp(-s/theta)`).
 - LegS (time-varying) holds sample k on `[k-1, k]` (unit steps, dt irrelevant). The state after the
-  first sample is set to its exact projection `u_1 e_0` on `[0, 1]`; step `k-1 -> k` is SPEC 2's
+  first sample is set to its exact projection `u_1 e_0` on `[0, 1]`; step `k-1 -> k` is the
   GBT step with `dt/t_{k-1} = 1/(k-1)` (`ssm.discretize.legs_step`). Its ZOH is exact: with
   `tau = ln t` the system is time-invariant, so the step is a ZOH of length `ln(k/(k-1))`.
 """
@@ -84,8 +87,9 @@ def basis(measure: str, N: int, s: torch.Tensor, *, theta: float = 1.0, beta: fl
     - legt: `f(t - s) ~ sum c_n g_n(1 - 2 s/theta)`, s in [0, theta] (g: orthonormal Legendre).
     - lagt: `f(t - s) ~ sum c_n L_n(s/theta) exp(-s/(2 theta)) / beta`, s >= 0.
     - fout: `f(t - s) ~ c_0 + sum_k sqrt2 (c_{2k} cos(2 pi k s/theta) - c_{2k-1} sin(2 pi k s/theta))`,
-      s in [0, theta]. The SPEC "fout" ODE is not an exact projection (its endpoint term is twice
-      that of one), so this readout is approximate even for band-limited signals.
+      s in [0, theta]. The "fout" ODE is not an exact projection (its endpoint term is twice that of
+      one), so this readout is approximate even for band-limited signals
+      (docs/hippo.md#fout-translated-fourier).
     """
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")

@@ -1,7 +1,7 @@
 """The one tolerance table and the one comparison helper for the whole suite.
 
 Ground truth is float64/complex128. A fast path is allowed at most `BUDGET_FACTOR` times the error
-of the plain formula run at the fast path's precision, plus a small atol (CONVENTIONS: Tests).
+of the plain formula run at the fast path's precision, plus a small atol (docs/operators.md#test-contract).
 """
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ TOL = {
     torch.bfloat16: (2e-2, 1e-2),
     torch.float16: (2e-3, 1e-3),
 }
+# Named tolerance classes for comparisons the dtype alone does not describe; (rtol, atol).
+# Pass the name as `tol=` to `assert_close` or `approx`.
+NAMED_TOL = {
+    # `transformers` forms RoPE inverse frequencies in float32: agreement to float32 rounding only.
+    "rope_vs_transformers": (1e-6, 0.0),
+    # one closed-form float64 scalar reached along two paths: a few roundings, nothing accumulates.
+    "float64_scalar": (1e-12, 0.0),
+}
 BUDGET_FACTOR = 2.0
 BUDGET_ATOL = {torch.float32: 1e-6, torch.complex64: 1e-6, torch.float64: 1e-13, torch.complex128: 1e-13}
 
@@ -29,17 +37,34 @@ def _check_finite(actual: torch.Tensor, expected: torch.Tensor, name: str) -> No
         raise AssertionError(f"{name}: {int(a_inf.sum())} inf values in the result")
 
 
+def tolerance(dtype: torch.dtype | None = None, tol: str | None = None) -> tuple[float, float]:
+    """(rtol, atol) of the named class `tol` if given, else of `dtype` in TOL."""
+    if tol is not None:
+        if tol not in NAMED_TOL:
+            raise KeyError(f"unknown tolerance class {tol!r}; known: {sorted(NAMED_TOL)}")
+        return NAMED_TOL[tol]
+    return TOL[dtype]
+
+
+def approx(expected: float, *, tol: str | None = None, dtype: torch.dtype = torch.float64):
+    """`pytest.approx` for Python scalars with the table's tolerances (float64 unless `tol` names a class)."""
+    import pytest
+    rtol, atol = tolerance(dtype, tol)
+    return pytest.approx(expected, rel=rtol, abs=atol)
+
+
 def assert_close(actual, expected, *, rtol: float | None = None, atol: float | None = None,
-                 dtype: torch.dtype | None = None, name: str = "tensor") -> None:
+                 dtype: torch.dtype | None = None, tol: str | None = None, name: str = "tensor") -> None:
     """Assert |actual - expected| <= atol + rtol*|expected| elementwise, NaN checked first.
 
-    Tolerances come from TOL by `dtype` (default: the dtype of `actual`) unless given explicitly.
+    Tolerances come from the named class `tol` (NAMED_TOL) if given, else from TOL by `dtype`
+    (default: the dtype of `actual`); an explicit `rtol`/`atol` overrides either.
     """
     actual = torch.as_tensor(actual)
     expected = torch.as_tensor(expected)
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
-    d_rtol, d_atol = TOL[dtype or actual.dtype]
+    d_rtol, d_atol = tolerance(dtype or actual.dtype, tol)
     rtol = d_rtol if rtol is None else rtol
     atol = d_atol if atol is None else atol
     _check_finite(actual, expected, name)

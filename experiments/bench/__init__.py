@@ -1,4 +1,4 @@
-"""Benchmark runner (issue 7): `python -m experiments.bench --help`.
+"""Benchmark runner: `python -m experiments.bench --help`.
 
 timing.py (events, repeats, memory, header), ops.py (operator cases, providers, correctness guard,
 FLOP/byte formulas), layers.py (layer cases), child.py (one case in a fresh process), report.py

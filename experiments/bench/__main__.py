@@ -83,14 +83,17 @@ def _add_shape_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding (--decode)", "presets: positions 1K 4K 16K 64K, batch 1 16, 32 timed steps "
-                             "after 4 warm-up steps, d_model 256, 4 layers, d_state 64, 4 heads, vocab 256; with "
-                             "--smoke: positions 16 32, batch 1 2, 2 steps after 1, d_model 16, 2 layers, d_state 8")
+    g = p.add_argument_group("decoding (--decode)",
+                             "presets: positions 1K 4K 16K 64K, batch 1 16, 32 timed steps in 4 rounds (2 warm-up "
+                             "steps each), d_model 256, 4 layers, d_state 64, 4 heads, vocab 256; with --smoke: "
+                             "positions 16 32, batch 1 2, 2 steps in 2 rounds, d_model 16, 2 layers, d_state 8")
     g.add_argument("--decode-layers", nargs="+", choices=DECODE_LAYERS, default=list(DECODE_LAYERS))
-    g.add_argument("--positions", type=int, nargs="+", help="context positions P (tokens already decoded; preset above)")
+    g.add_argument("--positions", type=int, nargs="+", help="context positions P (tokens already decoded)")
     g.add_argument("--batch", type=int, nargs="+", help="batch sizes")
     g.add_argument("--steps", type=int, help="timed decoding steps per case")
-    g.add_argument("--warmup", type=int, help="untimed decoding steps before them")
+    g.add_argument("--warmup", type=int, help="untimed decoding steps before each round's timed steps")
+    g.add_argument("--rounds", type=int, help="rounds over the positions of a series (the timed steps are "
+                   "split between them; noise on a shared machine spreads over all positions)")
     g.add_argument("--d-model", type=int, help="model width")
     g.add_argument("--n-layers", type=int, help="number of blocks")
     g.add_argument("--d-state", type=int, help="S4/S4D state size N")
@@ -262,9 +265,9 @@ def run_cases(cases: list[dict], args, device: str, common: dict, header: dict) 
         results.append(res)
         if device == "cuda":
             torch.cuda.empty_cache()  # each case starts from an empty cache (and recovers from OOM)
+        took = f" {res['median_s'] * 1e3:.2f} ms" if res["status"] == "OK" else f" ({res.get('reason', '')})"
         progress.line(f"{case['kind']} {name} {case.get('provider', '')} {case['mode']} H={case['H']} "
-                      f"N={case['N']} L={case['L']}: {res['status']}"
-                      + (f" {res['median_s'] * 1e3:.2f} ms" if res["status"] == "OK" else f" ({res.get('reason', '')})"))
+                      f"N={case['N']} L={case['L']}: {res['status']}{took}")
         if args.json:
             report.write_json(args.json, header, results)
     progress.close()
@@ -319,8 +322,8 @@ def decode_config(args) -> dict:
     from experiments.bench import decode
     cfg = dict(decode.SMOKE if args.smoke else decode.DEFAULTS)
     for key, value in (("positions", args.positions), ("batch", args.batch), ("steps", args.steps),
-                       ("warmup", args.warmup), ("d_model", args.d_model), ("n_layers", args.n_layers),
-                       ("d_state", args.d_state)):
+                       ("warmup", args.warmup), ("rounds", args.rounds), ("d_model", args.d_model),
+                       ("n_layers", args.n_layers), ("d_state", args.d_state)):
         if value is not None:
             cfg[key] = value
     cfg["pos"] = args.transformer_pos
@@ -334,14 +337,15 @@ def run_decode(args, device: str, header: dict) -> int:
     header.update(decode=cfg)
     print(report.header_line(header) + "\n# " + decode.describe(cfg), flush=True)
     results = []
-    todo = decode.cases(args.decode_layers, cfg["batch"], cfg["positions"])
+    todo = decode.series(args.decode_layers, cfg["batch"])
     progress = _Progress(len(todo))
-    for layer, B, P in todo:
-        res = decode.run_decode_case(layer, B, P, cfg, device=device, mem_cap_bytes=mem_cap_bytes(args, device))
-        results.append(res)
-        progress.line(f"decode {layer} B={B} P={P}: {res['status']}" + (
-            f" {res['median_s'] * 1e3:.3f} ms/token, {res['tokens_per_s']:.1f} tok/s" if res["status"] == "OK"
-            else f" ({res.get('reason', '')})"))
+    for layer, B in todo:
+        rows = decode.run_series(layer, B, cfg, device=device, mem_cap_bytes=mem_cap_bytes(args, device))
+        results += rows
+        progress.line("\n".join(f"decode {layer} B={B} P={r['P']}: {r['status']}" + (
+            f" {r['median_s'] * 1e3:.3f} ms/token (CPU time {r['cpu_median_s'] * 1e3:.3f} ms), "
+            f"{r['tokens_per_s']:.1f} tok/s" if r["status"] == "OK"
+            else f" ({r.get('reason', '')})") for r in rows))
         if args.json:
             report.write_json(args.json, header, results)
     progress.close()

@@ -1,20 +1,24 @@
-"""What the full LRA runs cost: `python -m experiments.lra.cost [--tasks ...] [--models ...] [--markdown]`.
+"""What the full LRA runs cost: `python -m experiments.lra.cost [--tasks ...] [--models ...] [--full-length]`.
 
 For every task x model at `--preset paper`, in a fresh subprocess each (so peak memory is its own):
 - FLOPs of one training step (forward + backward) counted by `torch.utils.flop_counter.FlopCounterMode`
-  at batch 1 and 2 and extrapolated linearly to the preset's batch (the SSM filter is computed once
-  per step whatever the batch: that part is the intercept). FlopCounterMode counts matrix products,
-  convolutions and attention only; it does not count FFTs, so every FFT call (`aten._fft_r2c`,
-  `_fft_c2r`, `_fft_c2c`) is added with the radix-2 count 5 n log2 n per complex transform of length
-  n (2.5 n log2 n for a real one). Elementwise work (the Vandermonde/Cauchy exponentials, norms,
-  activations) is not counted, and a complex matmul counts like a real one: the totals are lower
-  bounds of the arithmetic.
+  at batch 1 (and 2 for the SSM models) and extrapolated linearly to the preset's batch (the SSM filter
+  is computed once per step whatever the batch: that part is the intercept; a Transformer step has
+  none). FlopCounterMode counts matrix products, convolutions and attention only; it does not count
+  FFTs, so every FFT call (`aten._fft_r2c`, `_fft_c2r`, `_fft_c2c`) is added with the radix-2 count
+  5 n log2 n per complex transform of length n (2.5 n log2 n for a real one). Elementwise work (the
+  Vandermonde/Cauchy exponentials, norms, activations) is not counted, and a complex matmul counts
+  like a real one: the totals are lower bounds of the arithmetic.
 - the forward FLOPs of one example (validation passes),
 - one measured CPU training step (AdamW) at the full sequence length and batch `--batch` (default 1),
   after one unmeasured step; the peak resident memory added by the steps (float32, CPU),
 - from the FLOPs an estimate of the GPU hours of the whole run (epochs x training steps + one
   validation pass per epoch) on one H100 at `--utilization` of its dense bf16 peak (989 TFLOP/s),
   next to the published per-epoch times of S4 (state-spaces/s4 `models/s4/experiments.md`).
+
+`--full-length` instead runs two optimizer steps of the paper preset per task x model at the task's
+full published length (batch 2; 1 for the Path-X Transformer) on generated official-format files,
+through the data pipeline, and records seconds per step and peak memory.
 
 Timings come from a shared, busy 2-core machine: noisy, for orientation only. Tasks: `docs/lra.md`.
 """
@@ -64,10 +68,25 @@ def _c2c(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
     return _fft_flops(n, _numel(x_shape) // n, True)
 
 
+def _cpu_flash(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def _cpu_flash_backward(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
+
+
 def fft_flop_mapping() -> dict:
-    """FlopCounterMode `custom_mapping` adding the FFT counts (see the module docstring)."""
+    """FlopCounterMode `custom_mapping`: the FFT counts (see the module docstring), and the CPU flash
+    attention kernels, which FlopCounterMode knows only in their CUDA form (same formulas)."""
     aten = torch.ops.aten
-    return {aten._fft_r2c: _r2c, aten._fft_c2r: _c2r, aten._fft_c2c: _c2c}
+    return {aten._fft_r2c: _r2c, aten._fft_c2r: _c2r, aten._fft_c2c: _c2c,
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward}
 
 
 def example_batch(cfg: C.Config, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +190,9 @@ def measure_case(task: str, model_name: str, batch: int, timed: bool = True) -> 
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     timing = _timed_steps(model, cfg, batch) if timed else None  # first: the FLOP passes raise the peak
-    f1, f2 = _train_flops(model, cfg, 1), _train_flops(model, cfg, 2)
+    f1 = _train_flops(model, cfg, 1)
+    # A Transformer step is exactly linear in the batch; an SSM step also computes its filter once.
+    f2 = 2 * f1 if model_name == "transformer" else _train_flops(model, cfg, 2)
     out = {"task": task, "model": model_name, "seq_len": C.sequence_length(cfg), "params": n_params,
            "paper_batch": cfg.data.batch_size, "flops_b1": f1, "flops_b2": f2,
            "flops_step": f1 + (f2 - f1) * (cfg.data.batch_size - 1), "flops_fwd_example": _forward_flops(model, cfg),
@@ -198,16 +219,142 @@ def gpu_hours(row: dict, utilization: float) -> float:
     return (steps * row["flops_step"] + val) / (H100_BF16_DENSE * utilization) / 3600.0
 
 
-def _subprocess_case(task: str, model: str, batch: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "experiments.lra.cost", "--one", task, model, "--batch", str(batch)]
+# ---- every task at its full published length ------------------------------------------------
+_WORDS = ("state", "space", "sequence", "kernel", "long", "range", "arena", "filter", "paper", "model")
+
+
+def _long_text(rng, n_bytes: int) -> str:
+    words = []
+    while sum(len(w) + 1 for w in words) < n_bytes:
+        words.append(_WORDS[rng.randrange(len(_WORDS))])
+    return " ".join(words)
+
+
+def write_full_length(root, task: str, n: int = 4):
+    """Official-format files whose examples all reach the task's full length; returns the data_dir.
+
+    ListOps: flat `[MAX d ... d ]` trees of exactly 2,000 tokens (label: their maximum); Text and
+    Retrieval: documents longer than 4,096 / 4,000 bytes; the image tasks use the fixtures of
+    `experiments.lra.fixtures`, whose images have the full size already.
+    """
+    import random
+    from pathlib import Path
+
+    from experiments.lra.fixtures import write_fixtures
+    root, rng, info = Path(root), random.Random(11), task_info(task)
+    if info.is_pixel:
+        return write_fixtures(root, task)
+    if task == "listops":
+        (root / "listops-1000").mkdir(parents=True, exist_ok=True)
+        for split in ("train", "val", "test"):
+            lines = ["Source\tTarget"]
+            for _ in range(n):
+                digits = [rng.randrange(10) for _ in range(info.seq_len - 2)]
+                lines.append("( [MAX " + " ".join(map(str, digits)) + f" ] )\t{max(digits)}")
+            (root / "listops-1000" / f"basic_{split}.tsv").write_text("\n".join(lines) + "\n")
+    elif task == "text":
+        for split in ("train", "test"):
+            for pol in ("pos", "neg"):
+                folder = root / "aclImdb" / split / pol
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(n // 2):
+                    (folder / f"{i}_{8 if pol == 'pos' else 2}.txt").write_text(_long_text(rng, info.seq_len + 100))
+    else:
+        (root / "tsv_data").mkdir(parents=True, exist_ok=True)
+        for split in ("train", "eval", "test"):
+            rows = [f"{i % 2}\tA{i}\tB{i}\t{_long_text(rng, info.seq_len + 100)}\t{_long_text(rng, info.seq_len + 100)}"
+                    for i in range(n)]
+            (root / "tsv_data" / f"new_aan_pairs.{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def full_length_steps(task: str, model_name: str, data_dir, batch: int, steps: int = 2) -> dict:
+    """`steps` optimizer steps of the paper preset at the task's full length (batch reduced to
+    `batch`) through the data pipeline; seconds per step, losses and the peak RSS the steps added."""
+    from torch.utils.data import DataLoader
+
+    from experiments.lra.data import collate, load_task
+    from experiments.lra.models import build_model, make_optimizer
+
+    cfg = C.build_config(task, model_name, "paper", {"data.batch_size": str(batch), "data.max_len": "None"})
+    note = layer_options_note(cfg)
+    torch.manual_seed(cfg.train.seed)
+    loader = DataLoader(load_task(task, data_dir)["train"], batch_size=batch, shuffle=False, collate_fn=collate)
+    model = build_model(cfg)
+    opt = make_optimizer(model, cfg)
+    paper_batch = C.preset_config(task, model_name, "paper").data.batch_size
+    total = cfg.train.epochs * math.ceil(task_info(task).n_train / paper_batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: C.lr_multiplier(cfg.optim, t, total))
+    rss0 = _rss_status("VmRSS")
+    _reset_peak_rss()
+    losses, seconds, shape = [], [], None
+    for _, (x, lengths, y) in zip(range(steps), loader):
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x, lengths), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        seconds.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        shape = list(x.shape)
+    return {"task": task, "model": model_name, "batch": batch, "input_shape": shape, "losses": losses,
+            "seconds": seconds, "peak_rss_bytes": max(_rss_status("VmHWM") - rss0, 0), "note": note}
+
+
+def _subprocess_json(args: list[str], timeout: float, task: str, model: str) -> dict:
+    cmd = [sys.executable, "-m", "experiments.lra.cost", *args]
     env = dict(os.environ, SSMKIT_DISABLE_TRITON="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"task": task, "model": model, "error": f"timed out after {timeout:.0f} s"}
     if res.returncode != 0:
-        return {"task": task, "model": model, "error": res.stderr.strip().splitlines()[-1][:200]}
+        lines = res.stderr.strip().splitlines() or [f"exit status {res.returncode}"]
+        return {"task": task, "model": model, "error": lines[-1][:200]}
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _subprocess_case(task: str, model: str, batch: int, timeout: float) -> dict:
+    return _subprocess_json(["--one", task, model, "--batch", str(batch)], timeout, task, model)
+
+
+def full_length_batch(task: str, model: str) -> int:
+    """Reduced batch of the full-length check: 2, and 1 where attention over 16k positions needs ~9 GB."""
+    return 1 if (task == "pathx" and model == "transformer") else 2
+
+
+def run_full_length(tasks, models, timeout: float) -> list[dict]:
+    """Two paper-preset steps per task x model at full length, each in its own process."""
+    import tempfile
+    from pathlib import Path
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lra_full_") as tmp:
+        for task in tasks:
+            data_dir = write_full_length(Path(tmp) / task, task)
+            for model in models:
+                args = ["--full-one", task, model, str(data_dir), "--batch", str(full_length_batch(task, model))]
+                rows.append(_subprocess_json(args, timeout, task, model))
+                print(f"[full-length] {task} {model}: {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def full_length_markdown(rows: list[dict]) -> str:
+    lines = ["| task | model | input (batch, ..., length) | s / step (2 steps) | loss | peak RSS added |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['task']} | {r['model']} | {r['error']} | | | |")
+            continue
+        secs = ", ".join(f"{t:.1f}" for t in r["seconds"])
+        loss = ", ".join(f"{v:.3f}" for v in r["losses"])
+        lines.append(f"| {r['task']} | {r['model']} | {tuple(r['input_shape'])} | {secs} | {loss} "
+                     f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB |")
+    notes = sorted({r["note"] for r in rows if r.get("note")})
+    return "\n".join(lines + [""] + [f"Run with {n} (not yet in this checkout)." for n in notes])
 
 
 def _fmt_flops(f: float) -> str:
@@ -243,21 +390,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
     p.add_argument("--no-time", action="store_true", help="count FLOPs only (no measured steps)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--full-length", action="store_true",
+                   help="instead: two paper-preset optimizer steps per task at its full length (reduced batch)")
     p.add_argument("--one", nargs=2, metavar=("TASK", "MODEL"), help=argparse.SUPPRESS)
+    p.add_argument("--full-one", nargs=3, metavar=("TASK", "MODEL", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.one:
         print(json.dumps(measure_case(*args.one, batch=args.batch, timed=not args.no_time)))
         return
-    rows = []
-    for task in args.tasks:
-        for model in args.models:
-            rows.append(_subprocess_case(task, model, args.batch, args.timeout))
-            print(f"[cost] {task} {model}: {rows[-1]}", file=sys.stderr, flush=True)
+    if args.full_one:
+        print(json.dumps(full_length_steps(*args.full_one, batch=args.batch)))
+        return
+    if args.full_length:
+        rows = run_full_length(args.tasks, args.models, args.timeout)
+    else:
+        rows = []
+        for task in args.tasks:
+            for model in args.models:
+                rows.append(_subprocess_case(task, model, args.batch, args.timeout))
+                print(f"[cost] {task} {model}: {rows[-1]}", file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(markdown(rows, args.utilization))
+    print(full_length_markdown(rows) if args.full_length else markdown(rows, args.utilization))
 
 
 if __name__ == "__main__":

@@ -172,3 +172,37 @@ def build_model(cfg: Config, *, n_classes: int | None = None, vocab_size: int | 
     dual = info.two_tower if dual is None else dual
     cls = RetrievalClassifier if dual else LRAClassifier
     return cls(cfg, n_classes=n_classes, vocab_size=vocab_size, max_len=max_len, device=device, dtype=dtype)
+
+
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """AdamW parameter groups of the configured optimizer settings.
+
+    Parameters carrying `_optim` (the SSM's A, B, P, dt) get their own lr (None or absent: `optim.lr`)
+    and weight decay (default 0); the others get `optim.lr` and `optim.weight_decay`, except vectors
+    (biases, norm scales) which get no decay unless `optim.decay_vectors` (the public setups decay them).
+    """
+    o = cfg.optim
+    decay, no_decay, special = [], [], {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        hp = getattr(p, "_optim", None)
+        if hp is not None:
+            hp = {"weight_decay": 0.0, **hp}
+            hp["lr"] = o.lr if hp.get("lr") is None else hp["lr"]
+            special.setdefault(tuple(sorted(hp.items())), []).append(p)
+        elif p.dim() >= 2 or o.decay_vectors:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": ps, "lr": o.lr, "weight_decay": wd} for ps, wd in ((decay, o.weight_decay), (no_decay, 0.0))
+              if ps]
+    groups += [{"params": ps, **dict(key)} for key, ps in special.items()]
+    return groups
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` with the configured betas and eps."""
+    o = cfg.optim
+    return torch.optim.AdamW(param_groups(model, cfg), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             weight_decay=o.weight_decay)

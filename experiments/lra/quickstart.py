@@ -27,10 +27,15 @@ MIN_LENGTH, MAX_LENGTH = 20, 100
 DATA_SEED = 0
 
 
-def generate_data(root: Path) -> Path:
-    """Write the quick-start ListOps split in the release layout under `root` (reused if present)."""
+def generate_data(root: Path, n: tuple[int, int, int] | None = None) -> Path:
+    """Write the quick-start ListOps split in the release layout under `root` (reused if present).
+
+    `n`: (train, val, test) sizes, default `N_TRAIN, N_VAL, N_TEST`. Every sequence is shorter than
+    `MAX_LENGTH` tokens, within the cpu-small preset's length, so none is truncated.
+    """
+    n_train, n_val, n_test = n or (N_TRAIN, N_VAL, N_TEST)
     folder = root / listops.FOLDER
-    stamp = {"n": [N_TRAIN, N_VAL, N_TEST], "length": [MIN_LENGTH, MAX_LENGTH], "seed": DATA_SEED}
+    stamp = {"n": [n_train, n_val, n_test], "length": [MIN_LENGTH, MAX_LENGTH], "seed": DATA_SEED}
     stamp_file = root / "quickstart-data.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and all(
             (folder / listops.SPLIT_FILES[s]).is_file() for s in ("train", "val", "test")):
@@ -38,8 +43,8 @@ def generate_data(root: Path) -> Path:
         return root
     from tqdm.auto import tqdm
 
-    with tqdm(total=N_TRAIN + N_VAL + N_TEST, desc="generating ListOps", dynamic_ncols=True) as bar:
-        splits = listops.generate_splits(N_TRAIN, N_VAL, N_TEST, seed=DATA_SEED, min_length=MIN_LENGTH,
+    with tqdm(total=n_train + n_val + n_test, desc="generating ListOps", dynamic_ncols=True) as bar:
+        splits = listops.generate_splits(n_train, n_val, n_test, seed=DATA_SEED, min_length=MIN_LENGTH,
                                          max_length=MAX_LENGTH, progress=bar.update)
     listops.write_splits(root, splits)
     stamp_file.write_text(json.dumps(stamp))

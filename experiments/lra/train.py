@@ -1,7 +1,8 @@
 """Train an LRA model: `python -m experiments.lra.train --task T --model M --data-dir DIR ...`.
 
 AdamW over `ssm.layers.params.param_groups` (SSM parameters keep their own lr, no weight decay),
-linear warmup then cosine decay, optional gradient clipping, bf16 autocast on CUDA. Before any
+the learning-rate schedule of `config.lr_multiplier` (`optim.schedule`), optional gradient clipping
+(`optim.grad_clip = 0`: none), bf16 autocast on CUDA. Before any
 work the config is validated, the data is checked (no empty split, a full batch of training
 examples, truncation reported) and one step's peak memory is estimated; a run that will not fit is
 refused (`--force` starts it anyway). Only then is the run folder created.
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from experiments.lra import checkpoint as ckpt_io
+from experiments.lra import config as C
 from experiments.lra.config import MODELS, PRESETS, TASKS, Config, apply_overrides, format_config, preset_config
 from experiments.lra.config import split_overrides
 from experiments.lra.models import build_model
@@ -118,34 +120,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
 
 def validate_config(cfg: Config) -> None:
     """`config.validate` (ranges, divisibility, finite numbers) plus the trainer's own requirements."""
-    from experiments.lra import config
-
-    if hasattr(config, "validate"):
-        config.validate(cfg)
+    C.validate(cfg)
     every = getattr(cfg.train, "checkpoint_every", None)
-    if every is not None and (not isinstance(every, int) or every < 1):
-        raise ValueError(f"train.checkpoint_every must be a positive number of steps or None, got {every!r}")
-    schedule = getattr(cfg.optim, "schedule", "cosine")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"--train.checkpoint_every must be a positive number of steps or None, got {every!r}")
 
 
-# --- schedule ----------------------------------------------------------------------------------
-
-def lr_lambda(step: int, *, total: int, warmup: int, min_frac: float) -> float:
-    """Multiplier of the base lr: linear warmup to 1, then cosine down to `min_frac`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-    return min_frac + (1.0 - min_frac) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def lr_factor(step: int, *, optim, total: int) -> float:
+    """The schedule's multiplier before optimizer step `step` (formulas: `config.lr_multiplier`)."""
+    return C.lr_multiplier(optim, step, total)
 
 
-SCHEDULES = {"cosine": lr_lambda}
+def optimizer_groups(model: torch.nn.Module, optim) -> list[dict]:
+    """`ssm.param_groups`; with `optim.decay_vectors` the vectors outside the SSM's own groups
+    (biases, norm scales) get weight decay as well."""
+    from ssm.layers.params import param_groups
 
-
-def warmup_steps(cfg: Config, total: int) -> int:
-    """Warmup length: `optim.warmup_frac` of all steps, at least one."""
-    return max(int(cfg.optim.warmup_frac * total), 1)
+    groups = param_groups(model, optim.lr, optim.weight_decay)
+    if getattr(optim, "decay_vectors", False):
+        tagged = {id(p) for p in model.parameters() if getattr(p, "_optim", None) is not None}
+        for g in groups:
+            if g["weight_decay"] == 0.0 and not any(id(p) in tagged for p in g["params"]):
+                g["weight_decay"] = optim.weight_decay
+    return groups
 
 
 # --- setup -------------------------------------------------------------------------------------
@@ -225,14 +222,6 @@ def setup_device(cfg: Config) -> Runtime:
     return Runtime(rank, world, device, amp=cfg.train.amp and device.type == "cuda")
 
 
-def seq_len(cfg: Config, task: Task) -> int:
-    """Longest sequence the model sees: the task's full length (or resolution), capped by data.max_len."""
-    n = task.seq_len
-    if task.is_pixel and cfg.data.pathfinder_resolution is not None and task.name in ("pathfinder", "pathx"):
-        n = task.resolution_len(cfg.data.pathfinder_resolution)
-    return n if cfg.data.max_len is None else min(n, cfg.data.max_len)
-
-
 def load_splits(cfg: Config, data_dir: Path, rt: Runtime) -> dict:
     """Read the task's splits and refuse those too small for this run (naming their file)."""
     from experiments.lra.data import load_task
@@ -254,14 +243,13 @@ def load_splits(cfg: Config, data_dir: Path, rt: Runtime) -> dict:
 def build(cfg: Config, rt: Runtime, splits: dict, out: Path) -> Trainer:
     """Model, optimizer, schedule and training loader, in the order that fixes the random streams."""
     from experiments.lra.data import collate
-    from ssm.layers.params import param_groups
 
     task = task_facts(cfg.task)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, n_classes=task.n_classes, vocab_size=task.vocab_size, max_len=seq_len(cfg, task),
-                        dual=task.two_tower, device=rt.device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.lr, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
+    model = build_model(cfg, device=rt.device)  # sizes from the task table and config.sequence_length
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(optimizer_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  weight_decay=o.weight_decay)
     ddp_model = model
     if rt.world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -274,9 +262,7 @@ def build(cfg: Config, rt: Runtime, splits: dict, out: Path) -> Trainer:
                               generator=torch.Generator().manual_seed(cfg.train.seed))
     steps_per_epoch = math.ceil(sampler.num_samples / cfg.data.batch_size)
     total = max(cfg.train.epochs * steps_per_epoch, 1)
-    schedule = SCHEDULES[getattr(cfg.optim, "schedule", "cosine")]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        schedule, total=total, warmup=warmup_steps(cfg, total), min_frac=cfg.optim.min_lr_frac))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, optim=o, total=total))
     return Trainer(cfg, rt, task, out, splits, model, ddp_model, optimizer, scheduler, sampler, train_loader,
                    steps_per_epoch, total)
 
@@ -288,7 +274,7 @@ def check_memory(tr: Trainer, *, force: bool) -> None:
     """
     from experiments.lra import memory
 
-    n = seq_len(tr.cfg, tr.task)
+    n = C.sequence_length(tr.cfg)
     shape, rt = ((2, n) if tr.task.two_tower else (n,)), tr.rt
     kwargs = dict(device=rt.device, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
                   if rt.device.type == "cpu" else 1)

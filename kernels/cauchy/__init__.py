@@ -1,10 +1,12 @@
-"""Dispatcher for the Cauchy product (SPEC sections 3 and 4; CONVENTIONS: Dispatch).
+"""The Cauchy product: public function `cauchy_mult` (`docs/operators.md`, "Cauchy operator").
 
     out[..., j] = sum_n v[..., n] / (z[j] - w[..., n])   (+ conj(v) / (z[j] - conj(w)) if symmetric)
 
 `v` may carry extra leading dims beyond `w`'s: numerators that share one set of poles (S4's
-k00, k01, k10, k11), computed in one pass. Both paths go through the `ssmkit::cauchy` custom op
-(`op.py`), so `torch.compile(fullgraph=True)` traces a model that uses this function.
+k00, k01, k10, k11), computed in one pass. `cauchy_mult` validates, resolves the backend, reshapes
+to the canonical shapes v (R, H, N), z (M,), w (H, N) and calls the `ssmkit::cauchy` custom op
+(`op.py`), which runs the Triton launchers (`triton_cauchy.py`) or the chunked path
+(`reference.py`), so `torch.compile(fullgraph=True)` traces a model that uses this function.
 """
 from __future__ import annotations
 
@@ -12,32 +14,34 @@ import torch
 
 from kernels._triton import choose_backend
 from kernels.cauchy.op import cauchy_op
-from kernels.cauchy.reference import cauchy_chunked, cauchy_ref
+from kernels.cauchy.reference import cauchy_ref
 
-__all__ = ["cauchy", "cauchy_chunked", "cauchy_ref"]
+__all__ = ["cauchy_mult", "cauchy_ref"]
 
 _DTYPES = (torch.complex64, torch.complex128)
 
 
-def _check(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> None:
+def _check(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, symmetric: bool) -> None:
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"cauchy_mult: symmetric must be a bool, got {type(symmetric).__name__}")
     for name, t in (("v", v), ("z", z), ("w", w)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"cauchy: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"cauchy_mult: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
-            raise TypeError(f"cauchy: {name} must be complex64 or complex128, got {t.dtype}")
+            raise TypeError(f"cauchy_mult: {name} must be complex64 or complex128, got {t.dtype}")
     if not v.dtype == z.dtype == w.dtype:
-        raise TypeError(f"cauchy: v, z, w must share one dtype, got {v.dtype}, {z.dtype}, {w.dtype}")
+        raise TypeError(f"cauchy_mult: v, z, w must share one dtype, got {v.dtype}, {z.dtype}, {w.dtype}")
     if z.dim() != 1:
-        raise ValueError(f"cauchy: z must have shape (M,), got {tuple(z.shape)}")
+        raise ValueError(f"cauchy_mult: z must have shape (M,), got {tuple(z.shape)}")
     if w.dim() < 1:
-        raise ValueError(f"cauchy: w must have shape (..., N), got {tuple(w.shape)}")
+        raise ValueError(f"cauchy_mult: w must have shape (..., N), got {tuple(w.shape)}")
     if v.dim() < w.dim() or v.shape[v.dim() - w.dim():] != w.shape:
-        raise ValueError(f"cauchy: v must have shape (*extra, *w.shape) = (..., {', '.join(map(str, w.shape))}), "
+        raise ValueError(f"cauchy_mult: v must have shape (*extra, *w.shape) = (..., {', '.join(map(str, w.shape))}), "
                          f"got v {tuple(v.shape)} and w {tuple(w.shape)}")
 
 
-def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, *, symmetric: bool = False,
-           backend: str = "auto") -> torch.Tensor:
+def cauchy_mult(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, *, symmetric: bool = False,
+                backend: str = "auto") -> torch.Tensor:
     """Cauchy product: v (*R, *H, N), z (M,), w (*H, N), complex -> complex (*R, *H, M).
 
     v, z, w share one dtype (complex64 or complex128), which the output keeps. Differentiable
@@ -45,9 +49,7 @@ def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, *, symmetric: bool
     "triton" (raises when it cannot run) or "torch" (the chunked path; memory O(R*H*M) plus a
     fixed-size tile, never (H, N, M)). Poles must not coincide with evaluation points.
     """
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"cauchy: symmetric must be a bool, got {type(symmetric).__name__}")
-    _check(v, z, w)
+    _check(v, z, w, symmetric)
     which = choose_backend(backend, v, z, w)
     N, M = w.shape[-1], z.shape[0]
     rows = w.shape[:-1]

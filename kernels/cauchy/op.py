@@ -1,7 +1,7 @@
-"""`torch.library` registration of the Cauchy product, so `torch.compile` can trace through it.
+"""`torch.library` registration of the Cauchy product and its autograd, so `torch.compile` can trace it.
 
 Two custom ops on canonical shapes, v (R, H, N), z (M,), w (H, N), with the backend already
-resolved by the dispatcher ("triton" or "torch"):
+resolved by `cauchy_mult` ("triton" or "torch"):
 - `ssmkit::cauchy(v, z, w, symmetric, backend) -> (R, H, M)`
 - `ssmkit::cauchy_backward(grad, v, z, w, symmetric, backend, need_v, need_z, need_w)
    -> (grad_v, grad_z, grad_w)`; a gradient that was not asked for comes back empty (shape (0,)).

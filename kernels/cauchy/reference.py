@@ -1,15 +1,18 @@
-"""Cauchy product in plain PyTorch (SPEC sections 3 and 4): the ground truth and the CPU path.
+"""Cauchy product in plain PyTorch: the ground truth and the chunked path (`backend="torch"`).
+
+The math: `docs/operators.md`, sections "Cauchy operator" and "Chunked references".
 
     out[..., j] = sum_n v[..., n] / (z[j] - w[..., n])   (+ conj(v) / (z[j] - conj(w)) if symmetric)
 
 - `cauchy_ref`: the readable formula. It materializes (..., N, M); use it with complex128 inputs
   as ground truth and at small sizes only.
-- `cauchy_chunked`: the CPU path (S4's DPLR filter, SPEC 3). Several numerators share one set of
-  poles: v (R, H, N), w (H, N) -> (R, H, M). Per tile of rows x evaluation points it forms the
-  reciprocals 1/(z - w) once and contracts them with all R numerators in one batched matmul, so
-  memory is O(R*H*M + tile) in forward and backward; the backward recomputes the reciprocals
-  instead of saving them. The symmetric form is the same sum over the 2N poles [w, conj(w)] with
-  numerators [v, conj(v)].
+- `cauchy_chunked_fwd` / `cauchy_chunked_bwd`: the chunked path on canonical shapes, without
+  autograd (the custom op in `op.py` adds it). Several numerators share one set of poles (S4's
+  DPLR filter, see "Woodbury at the roots of unity"): v (R, H, N), w (H, N) -> (R, H, M). Per tile
+  of rows x evaluation points it forms the reciprocals 1/(z - w) once and contracts them with all
+  R numerators in one batched matmul, so memory is O(R*H*M + tile) in forward and backward; the
+  backward recomputes the reciprocals instead of saving them. The symmetric form is the same sum
+  over the 2N poles [w, conj(w)] with numerators [v, conj(v)].
 
 Gradients follow PyTorch's convention for holomorphic maps (grad_x = conj(df/dx) * grad_out):
     grad_v = sum_j g conj(c),   grad_w = sum_j g conj(v c^2),   grad_z = -sum_{rows, n} g conj(v c^2),
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import torch
 
-# Reciprocal tile size in complex elements: a tile (rows, poles, points) of about 2 MiB in
-# complex64 stays in cache, which made the CPU path 3-4x faster than whole-row chunks.
+# Tile sizes, read at call time (tests lower MAX_POINTS to make ragged tiles). Reciprocal tile
+# size in complex elements: a tile (rows, poles, points) of about 2 MiB in complex64 stays in
+# cache, which made the CPU path 3-4x faster than whole-row chunks. MAX_POINTS: evaluation
+# points per tile.
 TILE_ELEMENTS = 1 << 18
 MAX_POINTS = 512
 
@@ -43,14 +48,13 @@ def _poles(v: torch.Tensor, w: torch.Tensor, symmetric: bool) -> tuple[torch.Ten
     return vh.contiguous(), w.contiguous()
 
 
-def _tiles(H: int, P: int, M: int, chunk: int | None) -> tuple[int, int]:
-    points = min(M, MAX_POINTS if chunk is None else chunk)
+def _tiles(H: int, P: int, M: int) -> tuple[int, int]:
+    points = min(M, MAX_POINTS)
     rows = max(1, TILE_ELEMENTS // max(1, P * points))
     return min(H, rows), max(1, points)
 
 
-def cauchy_chunked_fwd(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, symmetric: bool = False,
-                       chunk: int | None = None) -> torch.Tensor:
+def cauchy_chunked_fwd(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
     """v (R, H, N), z (M,), w (H, N) -> (R, H, M), tile by tile, without autograd."""
     R, H, _ = v.shape
     M = z.shape[0]
@@ -58,7 +62,7 @@ def cauchy_chunked_fwd(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, symmet
     P = wp.shape[-1]
     out = torch.empty(R, H, M, dtype=v.dtype, device=v.device)              # (R, H, M)
     out_h = out.permute(1, 0, 2)                                            # (H, R, M) view
-    hb, mb = _tiles(H, P, M, chunk)
+    hb, mb = _tiles(H, P, M)
     wcol = wp.unsqueeze(-1)                                                 # (H, P, 1)
     # One reused tile buffer: fresh multi-MiB allocations cost a page fault per page.
     buf = torch.empty(hb, P, mb, dtype=v.dtype, device=v.device)            # (hb, P, mb)
@@ -73,7 +77,7 @@ def cauchy_chunked_fwd(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, symmet
 
 
 def cauchy_chunked_bwd(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
-                       symmetric: bool = False, need_z: bool = True, chunk: int | None = None
+                       symmetric: bool = False, need_z: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(grad_v (R, H, N), grad_z (M,) or None, grad_w (H, N)) for grad (R, H, M), tile by tile."""
     R, H, N = v.shape
@@ -85,7 +89,7 @@ def cauchy_chunked_bwd(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, w: 
     # against the stacked tile [c, c^2]; conjugating small results beats conjugating tiles.
     acc = torch.zeros(H, R, 2 * P, dtype=v.dtype, device=v.device)          # (H, R, 2P)
     gz = torch.zeros(M, dtype=v.dtype, device=v.device) if need_z else None  # (M,)
-    hb, mb = _tiles(H, P, M, chunk)
+    hb, mb = _tiles(H, P, M)
     wcol = wp.unsqueeze(-1)                                                 # (H, P, 1)
     buf = torch.empty(hb, 2 * P, mb, dtype=v.dtype, device=v.device)        # (hb, 2P, mb)
     for h0 in range(0, H, hb):
@@ -112,30 +116,3 @@ def cauchy_chunked_bwd(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, w: 
         gw = gw[..., :N] + torch.conj_physical(gw[..., N:])                 # (H, N)
     gv = gv_h.permute(1, 0, 2).contiguous()                                 # (R, H, N)
     return gv, (torch.conj_physical(gz) if need_z else None), gw.contiguous()
-
-
-class ChunkedCauchy(torch.autograd.Function):
-    """Autograd wrapper of the tiled path; the backward recomputes the reciprocals."""
-
-    @staticmethod
-    def forward(ctx, v, z, w, symmetric, chunk):
-        ctx.save_for_backward(v, z, w)
-        ctx.symmetric, ctx.chunk = symmetric, chunk
-        return cauchy_chunked_fwd(v, z, w, symmetric, chunk)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        v, z, w = ctx.saved_tensors
-        gv, gz, gw = cauchy_chunked_bwd(grad, v, z, w, ctx.symmetric, ctx.needs_input_grad[1], ctx.chunk)
-        return gv, gz, gw, None, None
-
-
-def cauchy_chunked(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, symmetric: bool = False, *,
-                   chunk: int | None = None) -> torch.Tensor:
-    """Memory-lean Cauchy product (the CPU path): v (R, H, N), z (M,), w (H, N) -> (R, H, M).
-
-    No input validation here; the public `kernels.cauchy` validates and reshapes. `chunk` caps the
-    number of evaluation points per tile (default 512).
-    """
-    return ChunkedCauchy.apply(v, z, w, symmetric, chunk)

@@ -1,4 +1,4 @@
-"""Triton kernels for the Cauchy product (SPEC section 4), then the launchers, then the autograd.Function.
+"""Triton kernels for the Cauchy product, then their launchers (`docs/operators.md`, "Cauchy operator").
 
     out[r, h, j] = sum_n v[r, h, n] / (z[j] - w[h, n])   (+ conj(v) / (z[j] - conj(w)) if SYMMETRIC)
 
@@ -21,19 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import interpreter_on
+from kernels._triton import autotune_configs, empty_output, interpreter_on, planes
 
 
-def _configs(interpreted: dict, gpu: list[dict]) -> list[triton.Config]:
-    # The interpreter runs one config (multi-config autotune needs a GPU). Its cost grows with the
-    # number of programs and loop iterations, not with the block width, so its blocks are wide.
-    if interpreter_on():
-        return [triton.Config(interpreted, num_warps=4)]
-    return [triton.Config(c, num_warps=nw) for c in gpu for nw in (4, 8)]
-
-
-_NM_CONFIGS = dict(interpreted={"BLOCK_N": 32, "BLOCK_M": 128},
-                   gpu=[{"BLOCK_N": bn, "BLOCK_M": bm} for bn in (4, 8) for bm in (64, 128)])
+def _configs() -> list[triton.Config]:
+    """One interpreted config with wide blocks; on a GPU every (BLOCK_N, BLOCK_M) x num_warps."""
+    gpu = [({"BLOCK_N": bn, "BLOCK_M": bm}, nw) for bn in (4, 8) for bm in (64, 128) for nw in (4, 8)]
+    return autotune_configs({"BLOCK_N": 32, "BLOCK_M": 128}, gpu)
 
 
 @triton.jit
@@ -43,7 +37,7 @@ def _recip(d_re, d_im):
     return d_re * inv, -d_im * inv
 
 
-@triton.autotune(configs=_configs(**_NM_CONFIGS), key=["N", "M", "R", "SYMMETRIC"])
+@triton.autotune(configs=_configs(), key=["N", "M", "R", "SYMMETRIC"])
 @triton.jit
 def _cauchy_fwd_kernel(v_ptr, z_ptr, w_ptr, out_ptr, H, N, M,
                        R: tl.constexpr, BLOCK_R: tl.constexpr, SYMMETRIC: tl.constexpr,
@@ -100,7 +94,7 @@ def _grad_sums(g_re, g_im, d_re, d_im):
             tl.sum(g_re * s_re + g_im * s_im, axis=2), tl.sum(g_im * s_re - g_re * s_im, axis=2))
 
 
-@triton.autotune(configs=_configs(**_NM_CONFIGS), key=["N", "M", "R", "SYMMETRIC"])
+@triton.autotune(configs=_configs(), key=["N", "M", "R", "SYMMETRIC"])
 @triton.jit
 def _cauchy_bwd_vw_kernel(g_ptr, v_ptr, z_ptr, w_ptr, gv_ptr, gw_ptr, H, N, M,
                           R: tl.constexpr, BLOCK_R: tl.constexpr, SYMMETRIC: tl.constexpr,
@@ -152,7 +146,7 @@ def _cauchy_bwd_vw_kernel(g_ptr, v_ptr, z_ptr, w_ptr, gv_ptr, gw_ptr, H, N, M,
     tl.store(gw_ptr + 2 * (pid_h * N + offs_n) + 1, gw_im, mask=mask_n)
 
 
-@triton.autotune(configs=_configs(**_NM_CONFIGS), key=["N", "M", "R", "SYMMETRIC"])
+@triton.autotune(configs=_configs(), key=["N", "M", "R", "SYMMETRIC"])
 @triton.jit
 def _cauchy_bwd_z_kernel(g_ptr, v_ptr, z_ptr, w_ptr, part_ptr, H, N, M, ROWS_PER_SPLIT,
                          R: tl.constexpr, BLOCK_R: tl.constexpr, SYMMETRIC: tl.constexpr,
@@ -206,77 +200,53 @@ def _cauchy_bwd_z_kernel(g_ptr, v_ptr, z_ptr, w_ptr, part_ptr, H, N, M, ROWS_PER
     tl.store(part_ptr + 2 * p_off + 1, tl.sum(acc_im, axis=0), mask=mask_m)
 
 
-def _planes(x: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(x.resolve_conj().contiguous())
-
-
 def _block_r(R: int) -> int:
     return triton.next_power_of_2(max(R, 1))
 
 
-def cauchy_fwd_triton(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, symmetric: bool = False, *,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """v (R, H, N), z (M,), w (H, N) complex -> (R, H, M). `out` (tests poison it) is overwritten."""
+def cauchy_fwd_triton(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+    """Forward launcher: v (R, H, N), z (M,), w (H, N) complex -> (R, H, M). No autograd."""
     R, H, N = v.shape
     M = z.shape[0]
-    if out is None:
-        out = torch.empty(R, H, M, dtype=v.dtype, device=v.device)          # (R, H, M)
+    out = empty_output((R, H, M), dtype=v.dtype, device=v.device)          # (R, H, M)
     if out.numel() == 0:
         return out
     grid = lambda meta: (H, triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
-    _cauchy_fwd_kernel[grid](_planes(v), _planes(z), _planes(w), torch.view_as_real(out), H, N, M,
+    _cauchy_fwd_kernel[grid](planes(v), planes(z), planes(w), torch.view_as_real(out), H, N, M,
                              R=R, BLOCK_R=_block_r(R), SYMMETRIC=symmetric)
     return out
 
 
 def cauchy_bwd_triton(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
-                      symmetric: bool = False, need_vw: bool = True, need_z: bool = True, *,
-                      out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                      symmetric: bool = False, need_vw: bool = True, need_z: bool = True
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(grad_v (R, H, N), grad_z (M,), grad_w (H, N)) for grad (R, H, M); None where not asked for.
-
-    `out` = (grad_v, grad_z, grad_w) buffers to overwrite (tests poison them with NaN).
-    """
+    """Backward launcher: (grad_v (R, H, N), grad_z (M,), grad_w (H, N)) for grad (R, H, M), each
+    None where not asked for. No autograd."""
     R, H, N = v.shape
     M = z.shape[0]
-    gv, gz, gw = out if out is not None else (
-        torch.empty_like(v), torch.empty_like(z), torch.empty_like(w))
-    g, vp, zp, wp = _planes(grad), _planes(v), _planes(z), _planes(w)
-    if need_vw and gv.numel():
-        if M == 0:
+    g, vp, zp, wp = planes(grad), planes(v), planes(z), planes(w)
+    gv = gz = gw = None
+    if need_vw:
+        gv = empty_output(v.shape, dtype=v.dtype, device=v.device)         # (R, H, N)
+        gw = empty_output(w.shape, dtype=w.dtype, device=w.device)         # (H, N)
+        if M == 0 or R == 0:
             gv.zero_()
             gw.zero_()
-        else:
+        elif gv.numel():
             grid = lambda meta: (H, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
             _cauchy_bwd_vw_kernel[grid](g, vp, zp, wp, torch.view_as_real(gv), torch.view_as_real(gw),
                                         H, N, M, R=R, BLOCK_R=_block_r(R), SYMMETRIC=symmetric)
-    if need_z and gz.numel():
-        # Split the rows so that enough programs run in parallel; each split writes its own
-        # partial row, summed below in a fixed order (deterministic, no atomics).
-        splits = max(1, min(H, 1 if interpreter_on() else 64))
-        rows = triton.cdiv(max(H, 1), splits)
-        splits = triton.cdiv(max(H, 1), rows)
-        part = torch.empty(splits, M, dtype=z.dtype, device=z.device)       # (S, M)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)  # noqa: E731
-        _cauchy_bwd_z_kernel[grid](g, vp, zp, wp, torch.view_as_real(part), H, N, M, rows,
-                                   R=R, BLOCK_R=_block_r(R), SYMMETRIC=symmetric)
-        torch.sum(part, dim=0, out=gz)                                       # (M,)
-    return (gv if need_vw else None), (gz if need_z else None), (gw if need_vw else None)
-
-
-class TritonCauchy(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels: v (R, H, N), z (M,), w (H, N) -> (R, H, M)."""
-
-    @staticmethod
-    def forward(ctx, v, z, w, symmetric):
-        ctx.save_for_backward(v, z, w)
-        ctx.symmetric = symmetric
-        return cauchy_fwd_triton(v, z, w, symmetric)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        v, z, w = ctx.saved_tensors
-        need_v, need_z, need_w = ctx.needs_input_grad[:3]
-        gv, gz, gw = cauchy_bwd_triton(grad, v, z, w, ctx.symmetric, need_v or need_w, need_z)
-        return (gv if need_v else None), gz, (gw if need_w else None), None
+    if need_z:
+        gz = empty_output(z.shape, dtype=z.dtype, device=z.device)         # (M,)
+        if gz.numel():
+            # Split the rows so that enough programs run in parallel; each split writes its own
+            # partial row, summed below in a fixed order (deterministic, no atomics).
+            splits = max(1, min(H, 1 if interpreter_on() else 64))
+            rows = triton.cdiv(max(H, 1), splits)
+            splits = triton.cdiv(max(H, 1), rows)
+            part = torch.empty(splits, M, dtype=z.dtype, device=z.device)   # (S, M)
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)  # noqa: E731
+            _cauchy_bwd_z_kernel[grid](g, vp, zp, wp, torch.view_as_real(part), H, N, M, rows,
+                                       R=R, BLOCK_R=_block_r(R), SYMMETRIC=symmetric)
+            torch.sum(part, dim=0, out=gz)                                   # (M,)
+    return gv, gz, gw

@@ -1,14 +1,17 @@
-"""Vandermonde product in plain PyTorch (SPEC sections 3 and 4): the ground truth and the CPU path.
+"""Vandermonde product in plain PyTorch: the ground truth and the chunked path (`backend="torch"`).
+
+The math: `docs/operators.md`, sections "Vandermonde operator" and "Chunked references".
 
     out[..., l] = 2 Re sum_n v[..., n] exp(x[..., n] * l),  l = 0..L-1.
 
 - `vandermonde_ref`: the readable formula. It materializes (..., N, L); use it with complex128
   inputs as ground truth and at small sizes only.
-- `vandermonde_chunked`: the CPU path. With l = c*T + t (SPEC 3, power reuse),
-  exp(x l) = exp(x cT) * exp(x t), so per row the filter is the real part of a small matrix
-  product (C x N) @ (N x T), C = ceil(L / T). Memory is O(rows * (L + N * (C + T))), never
-  (rows, N, L), in forward and backward (the backward recomputes the powers instead of saving
-  them); rows are processed in groups so temporaries stay a few MB. The chunk-start powers
+- `vandermonde_chunked_fwd` / `vandermonde_chunked_bwd`: the chunked path on canonical shapes
+  (rows (R, N) -> (R, L)), without autograd (the custom op in `op.py` adds it). With l = c*T + t
+  (power reuse), exp(x l) = exp(x cT) * exp(x t), so per row the filter is the real part of a
+  small matrix product (C x N) @ (N x T), C = ceil(L / T). Memory is O(rows * (L + N * (C + T))),
+  never (rows, N, L), in forward and backward (the backward recomputes the powers instead of
+  saving them); rows are processed in groups so temporaries stay a few MB. The chunk-start powers
   exp(x cT) are evaluated directly (no error accumulation); every phase (Im(x) cT and Im(x) t) is
   formed in float64 and reduced mod 2 pi before the cast, so long filters (L = 64K and beyond)
   keep float32 accuracy (the plain float32 formula does not).
@@ -72,17 +75,20 @@ def block_powers(x: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     return mag * torch.cos(phase), mag * torch.sin(phase)
 
 
-def _split(L: int, block: int | None) -> tuple[int, int]:
-    T = default_block(L) if block is None else min(block, L)
+# Tile sizes, read at call time (tests set TABLE_WIDTH to make ragged chunks). TABLE_WIDTH: the
+# width T of the power table; None picks the power of two nearest sqrt(L). ROW_BUDGET: rows per
+# step bound the temporaries to ~2**18 power-table entries (a few MB, cache-friendly).
+TABLE_WIDTH: int | None = None
+ROW_BUDGET = 1 << 18
+
+
+def _split(L: int) -> tuple[int, int]:
+    T = default_block(L) if TABLE_WIDTH is None else min(TABLE_WIDTH, L)
     return T, -(-L // T)
 
 
-# Rows per step: bounds the temporaries to ~2**18 power-table entries (a few MB, cache-friendly).
-_ROW_BUDGET = 1 << 18
-
-
 def _row_slices(R: int, N: int, C: int, T: int):
-    step = max(1, _ROW_BUDGET // (N * (C + T)))
+    step = max(1, ROW_BUDGET // (N * (C + T)))
     return [slice(r, min(r + step, R)) for r in range(0, R, step)]
 
 
@@ -96,9 +102,9 @@ def _forward_rows(v: torch.Tensor, x: torch.Tensor, L: int, T: int, C: int) -> t
     return 2 * out[:, :L]                                         # (r, L)
 
 
-def chunked_forward(v: torch.Tensor, x: torch.Tensor, L: int, block: int | None = None) -> torch.Tensor:
+def vandermonde_chunked_fwd(v: torch.Tensor, x: torch.Tensor, L: int) -> torch.Tensor:
     """out = 2 Re sum_n v exp(x l) by power reuse: (R, N) complex -> (R, L) real, no autograd."""
-    T, C = _split(L, block)
+    T, C = _split(L)
     R, N = v.shape
     out = torch.empty(R, L, device=v.device, dtype=v.real.dtype)  # (R, L)
     for rows in _row_slices(R, N, C, T):
@@ -121,8 +127,7 @@ def _backward_rows(g: torch.Tensor, v: torch.Tensor, x: torch.Tensor, T: int, C:
     return 2 * sum0.conj(), 2 * (v * sum1).conj()
 
 
-def chunked_backward(grad: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
-                     block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def vandermonde_chunked_bwd(grad: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of sum_l grad_l out_l w.r.t. v and x (PyTorch's conjugate convention):
 
         grad_v = 2 sum_l g_l conj(exp(x l)),   grad_x = 2 sum_l g_l l conj(v exp(x l)).
@@ -131,38 +136,10 @@ def chunked_backward(grad: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
     so both sums are one real matmul of g (C x T) with the power table (T x 4N).
     """
     R, L = grad.shape
-    T, C = _split(L, block)
+    T, C = _split(L)
     N = v.shape[-1]
     gv, gx = torch.empty_like(v), torch.empty_like(x)            # (R, N) each
     for rows in _row_slices(R, N, C, T):
         g = torch.nn.functional.pad(grad[rows].to(v.real.dtype), (0, C * T - L))  # (r, C*T)
         gv[rows], gx[rows] = _backward_rows(g.reshape(-1, C, T), v[rows], x[rows], T, C)
     return gv, gx
-
-
-class ChunkedVandermonde(torch.autograd.Function):
-    """Autograd wrapper of the chunked path; the backward recomputes the powers (no saved powers)."""
-
-    @staticmethod
-    def forward(ctx, v, x, L, block):
-        ctx.save_for_backward(v, x)
-        ctx.block = block
-        return chunked_forward(v, x, L, block)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        v, x = ctx.saved_tensors
-        gv, gx = chunked_backward(grad, v, x, ctx.block)
-        return gv, gx, None, None
-
-
-def vandermonde_chunked(v: torch.Tensor, x: torch.Tensor, L: int, *, block: int | None = None) -> torch.Tensor:
-    """Memory-lean Vandermonde product (the CPU path): complex (..., N) -> real (..., L).
-
-    No input validation here; the public `kernels.vandermonde` validates. `block` is the width T
-    of the power table (default: the power of two nearest sqrt(L)).
-    """
-    lead = v.shape[:-1]
-    out = ChunkedVandermonde.apply(v.reshape(-1, v.shape[-1]), x.reshape(-1, x.shape[-1]), L, block)  # (R, L)
-    return out.reshape(*lead, L)                                  # (..., L)

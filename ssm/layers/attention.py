@@ -1,4 +1,7 @@
-"""Multi-head attention and the pre-norm Transformer block: the attention baseline (SPEC section 5).
+"""Multi-head attention and the pre-norm Transformer block: the attention baseline.
+
+The math: docs/rope.md#the-attention-module-and-its-kv-cache (module contract, KV cache) and
+docs/rope.md#alibi.
 
 What lives here:
 - `alibi_slopes(n_heads)`: the ALiBi head slopes.

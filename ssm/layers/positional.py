@@ -1,4 +1,6 @@
-"""Absolute position embeddings added at the model input (SPEC section 5 / LRA Transformer settings).
+"""Absolute position embeddings added at the model input, as in the LRA Transformer.
+
+The formula: docs/rope.md#the-attention-module-and-its-kv-cache (last paragraph).
 
 `AbsolutePositionalEmbedding(kind, d_model, max_len)` with kind "sinusoidal" (fixed, any length) or
 "learned" (a table of `max_len` rows). Relative schemes (RoPE, ALiBi) live inside the attention

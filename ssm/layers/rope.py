@@ -1,4 +1,6 @@
-"""Rotary position embeddings (RoPE) and the context-extension variants (SPEC section 5).
+"""Rotary position embeddings (RoPE) and the context-extension variants.
+
+The math: docs/rope.md#rotary-position-embedding and docs/rope.md#scalings.
 
 What lives here:
 - `rope_frequencies`: inverse frequencies `theta_i` (and the cos/sin scale) for plain RoPE and the
@@ -11,9 +13,9 @@ What lives here:
   compressed (leaky ReRoPE) beyond a window.
 - `log_n_scale`, `rope_base_bound`.
 
-Departure from the SPEC text: YaRN's ramp follows `transformers` (linear in the pair index between
-the pairs where `r_i` equals `beta_fast` and `beta_slow`, rounded outward when `truncate`), which is
-what the reference comparison requires; SPEC writes the ramp linear in `r_i` itself.
+YaRN's ramp follows `transformers`: linear in the pair index between the pairs where `r_i` equals
+`beta_fast` and `beta_slow`, rounded outward when `truncate` (not linear in `r_i` itself), so that
+the frequencies match the reference implementation (docs/rope.md#scalings, "YaRN ramp").
 Frequencies are computed in float64; cos/sin are cast to the input dtype at the end.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The benchmark runner (issue 7): smoke mode end to end, the correctness guard, the numbers."""
+"""The benchmark runner: smoke mode end to end, the correctness guard, the numbers."""
 import json
 import os
 import subprocess

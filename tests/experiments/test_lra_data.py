@@ -215,3 +215,76 @@ def test_saved_datasets_dataset_for_text_and_image(tmp_path):
     gray = (0.2989 * r + 0.5870 * g + 0.1140 * b).round().long().view(10, -1)  # (10, 1024)
     assert torch.equal(torch.stack([ds["test"][i][0] for i in range(10)]), gray)
     assert ds["val"][0][1] == 9
+
+
+# --- refusals and reports before training: empty splits, non-UTF-8 text, truncation -----------
+
+def _header_only(path):
+    path.write_text("Source\tTarget\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_header_only_or_empty_listops_split_names_the_file(tmp_path, split):
+    root = write_fixtures(tmp_path, "listops")
+    path = root / "listops-1000" / f"basic_{split}.tsv"
+    _header_only(path)
+    with pytest.raises(ValueError, match=rf"listops {split} split is empty: no examples in .*basic_{split}\.tsv"):
+        load_task("listops", root)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"basic_{split}\.tsv"):
+        load_task("listops", root)
+
+
+def test_empty_retrieval_and_text_splits_name_their_source(tmp_path):
+    root = write_fixtures(tmp_path / "aan", "retrieval")
+    (root / "tsv_data" / "new_aan_pairs.eval.tsv").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"retrieval val split is empty: .*new_aan_pairs\.eval\.tsv"):
+        load_task("retrieval", root)
+    root = write_fixtures(tmp_path / "imdb", "text")
+    for txt in (root / "aclImdb" / "test").glob("*/*.txt"):
+        txt.unlink()
+    with pytest.raises(ValueError, match=r"text test split is empty: .*aclImdb/test"):
+        load_task("text", root)
+
+
+@pytest.mark.parametrize("task,rel", [
+    ("listops", "listops-1000/basic_val.tsv"),
+    ("pathfinder", "pathfinder32/curv_contour_length_14/metadata/1.npy"),
+])
+def test_non_utf8_input_names_file_and_line(tmp_path, task, rel):
+    root = write_fixtures(tmp_path, task)
+    path = root / rel
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2][:3] + b"\xff" + lines[2][3:]  # line 3
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(ValueError, match=rf"{path.name}, line 3: not UTF-8 text \(byte 0xff at column 4\)"):
+        load_task(task, root)
+
+
+def test_truncation_is_reported_once_per_split(tmp_path, caplog):
+    root = write_fixtures(tmp_path, "listops")
+    full = load_task("listops", root)
+    max_len = 20
+    with caplog.at_level(logging.WARNING, logger="experiments.lra.data"):
+        cut = load_task("listops", root, max_len=max_len)
+    records = [r.getMessage() for r in caplog.records]
+    for split in ("train", "val", "test"):
+        lengths = [len(ids) for ids, _ in full[split]]
+        long = [n for n in lengths if n > max_len]
+        assert long, "the fixture must hold sequences longer than max_len"
+        expected = (f"LRA listops {split}: {len(long)} of {len(lengths)} examples truncated from up to {max(long)} "
+                    f"(shortest cut: {min(long)}) to {max_len} tokens")
+        assert sum(m.startswith(expected) for m in records) == 1, (expected, records)
+        assert cut[split].truncated == (len(long), max(long), max_len)
+    assert len(records) == 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="experiments.lra.data"):
+        load_task("listops", root)  # default max_len: nothing cut, nothing said
+    assert not caplog.records
+
+
+def test_pixel_truncation_reported(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="experiments.lra.data"):
+        ds = load_task("image", write_fixtures(tmp_path, "image"), max_len=100)
+    assert ds["test"].truncated == (4, 1024, 100)
+    assert "LRA image test: 4 of 4 examples truncated from up to 1024" in caplog.text

@@ -45,3 +45,45 @@ def test_missing_and_bad_results(tmp_path):
     (tmp_path / "x" / "result.json").write_text(json.dumps({"task": "listops"}))
     with pytest.raises(ValueError, match="not an LRA result file"):
         report.find_results([tmp_path / "x"])
+
+
+def _metrics(folder, records):
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_unfinished_run_folders_are_skipped_with_a_note(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _result(runs / "done", "listops", "s4d", 0.5)
+    unfinished = runs / "running"
+    unfinished.mkdir(parents=True)
+    (unfinished / "config.json").write_text("{}")
+    _metrics(unfinished, [{"split": "train", "step": 1, "loss": 2.0}, {"split": "train", "step": 40, "loss": 1.5}])
+    # Both ways of naming runs: the parent folder, and each folder (`report runs/*`).
+    for argv in ([str(runs)], [str(runs / "done"), str(unfinished)]):
+        text = report.main([*argv, "--no-plots"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"note: skipping {unfinished}: unfinished run, no result.json yet (last logged step 40)"]
+        assert "| S4D (cpu-small, this repo) | 50.00 |" in text
+    with pytest.raises(FileNotFoundError, match="no result.json"):
+        report.main([str(tmp_path / "empty_dir_that_is_no_run")])
+
+
+def test_curves_png_for_every_run(tmp_path, capsys):
+    from PIL import Image
+
+    runs = tmp_path / "runs"
+    for name, task in (("a", "listops"), ("b", "text")):
+        folder = _result(runs / name, task, "s4d", 0.5)
+        _metrics(folder, [{"split": "train", "step": s, "loss": 2.0 / s} for s in range(1, 11)]
+                 + [{"split": "val", "step": s, "loss": 1.0 / s, "acc": 0.1 * s} for s in (5, 10)]
+                 + [{"split": "test", "step": 10, "loss": 0.1, "acc": 0.9}])
+    report.main([str(runs)])
+    err = capsys.readouterr().err
+    for name in ("a", "b"):
+        png = runs / name / "curves.png"
+        assert f"wrote {png}" in err
+        with Image.open(png) as im:
+            im.verify()  # a complete, valid PNG
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 100
+    assert report._curves(runs / "a")["val_acc"] == [(5, 50.0), (10, 100.0)]

@@ -89,36 +89,30 @@ def test_cli_rejects_unknown_field(capsys):
     assert "unknown field --model.d_stat; fields of [model]: d_model, n_layers, d_state" in err
 
 
-def test_paper_presets_match_spec():
-    # Published S4 LRA settings (docs/lra.md): d_model, d_state, lr, batch, epochs.
-    spec = {"listops": (256, 4, 0.01, 32, 40), "text": (256, 4, 0.01, 16, 32), "retrieval": (256, 4, 0.01, 64, 20),
-            "image": (512, 64, 0.01, 50, 200), "pathfinder": (256, 64, 0.004, 64, 200),
-            "pathx": (256, 64, 0.001, 16, 50)}
-    for task, (d_model, d_state, lr, batch, epochs) in spec.items():
-        for model in ("s4", "s4d"):
-            cfg = C.preset_config(task, model, "paper")
-            got = (cfg.model.d_model, cfg.model.d_state, cfg.optim.lr, cfg.data.batch_size, cfg.train.epochs)
-            assert got == (d_model, d_state, lr, batch, epochs), (task, model)
-            assert cfg.model.n_layers == 6 and cfg.model.bidirectional and cfg.model.pooling == "mean"
-            assert cfg.model.norm == "batch"
-            assert cfg.optim.weight_decay == 0.05 and cfg.optim.ssm_lr == 1e-3
-            assert cfg.model.dt_min == (1e-4 if task == "pathx" else 1e-3)
-    t = C.preset_config("image", "transformer", "paper")
-    assert (t.model.n_layers, t.model.n_heads, t.model.d_model, t.model.d_mlp) == (1, 8, 128, 128)
-    assert t.model.pos == "learned" and t.model.pooling == "cls" and t.data.pixel_input == "tokens"
-    assert C.preset_config("pathfinder", "transformer", "paper").model.pooling == "mean"
-    assert C.preset_config("image", "s4d", "paper").data.pixel_input == "real"
-    with pytest.raises(ValueError, match="preset must be one of"):
-        C.preset_config("listops", "s4d", "huge")
+def test_schedule_and_warmup_frac_reach_the_optimizer(fixture_root, tmp_path):
+    """The lr logged at every step is lr * config.lr_multiplier(step) with warmup_frac of all steps."""
+    out = tmp_path / "lr"
+    res = train.main(["--task", "listops", "--model", "s4d", "--data-dir", str(fixture_root["listops"]),
+                      "--out", str(out), *TINY, "--data.batch_size=3", "--train.epochs=3",
+                      "--optim.warmup_frac=0.34", "--optim.lr=0.02"])
+    cfg = C.build_config("listops", "s4d", "cpu-small", {"optim.warmup_frac": "0.34"})
+    total = 9  # 8 examples, batch 3: 3 steps per epoch, 3 epochs
+    assert C.warmup_and_total(cfg.optim, total)[0] == 3
+    lrs = {r["step"]: r["lr"] for r in _metrics(out) if r["split"] == "train"}
+    assert res["steps"] == total and sorted(lrs) == list(range(1, total + 1))
+    for step, lr in lrs.items():  # logged after the step: the multiplier of the next one
+        assert lr == pytest.approx(0.02 * C.lr_multiplier(cfg.optim, step, total), rel=1e-12), step
 
 
-def test_lr_schedule_warmup_then_cosine():
-    f = [train.lr_lambda(s, total=100, warmup=10, min_frac=0.1) for s in range(100)]
-    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(a <= b for a, b in zip(f[:10], f[1:10]))
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert train.lr_lambda(100, total=100, warmup=10, min_frac=0.1) == pytest.approx(0.1)
+@pytest.mark.parametrize("clip, calls", [(0.0, 0), (0.5, 2)])
+def test_grad_clip_zero_means_no_clipping(fixture_root, tmp_path, monkeypatch, clip, calls):
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, *a, **k: (
+        seen.append(max_norm), real(params, max_norm, *a, **k))[1])
+    train.main(["--task", "listops", "--model", "s4d", "--data-dir", str(fixture_root["listops"]),
+                "--out", str(tmp_path / "c"), *TINY, "--max-steps", "2", f"--optim.grad_clip={clip}"])
+    assert seen == [clip] * calls
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -210,3 +204,153 @@ def test_quickstart_end_to_end_smoke(tmp_path, monkeypatch, capsys):
     assert "| s4d |" in out and "| transformer |" in out and "majority class" in out
     assert (tmp_path / "summary.md").read_text().strip() in out
     assert json.loads((tmp_path / "s4d" / "result.json").read_text())["n_test"] == 6
+
+
+def test_quickstart_data_fits_the_cpu_small_length(tmp_path, caplog):
+    """The quick start's generated ListOps is never truncated by the preset it trains with."""
+    import logging
+
+    from experiments.lra import quickstart
+    from experiments.lra.data import load_task
+
+    cfg = C.build_config("listops", "s4d", "cpu-small")
+    assert cfg.data.max_len is None or quickstart.MAX_LENGTH <= cfg.data.max_len
+    with caplog.at_level(logging.WARNING, logger="experiments.lra.data"):
+        ds = load_task("listops", quickstart.generate_data(tmp_path, n=(30, 10, 10)), max_len=cfg.data.max_len)
+    assert "truncated" not in caplog.text
+    assert all(d.truncated[0] == 0 for d in ds.values())
+    assert max(len(ids) for ids, _ in ds["train"]) < quickstart.MAX_LENGTH
+
+
+# --- refusals before any work: bad config, unusable data, memory ----------------------------------
+
+def _listops_argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--task", "listops", "--model", "s4d", "--data-dir", str(data_dir), "--out", str(out), *TINY, *extra]
+
+
+def _copy_fixture(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("split, content, match", [
+    ("train", "Source\tTarget\n", r"train split is empty: no examples in .*basic_train\.tsv"),
+    ("val", "Source\tTarget\n", r"val split is empty: no examples in .*basic_val\.tsv"),
+    ("test", "Source\tTarget\n", r"test split is empty: no examples in .*basic_test\.tsv"),
+    ("val", "", r"val split is empty: no examples in .*basic_val\.tsv"),
+])
+def test_empty_split_is_refused_before_the_run_folder(fixture_root, tmp_path, split, content, match):
+    data = _copy_fixture(fixture_root["listops"], tmp_path / "data")
+    (data / "listops-1000" / f"basic_{split}.tsv").write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        train.main(_listops_argv(data, tmp_path / "run", "--max-steps", "1"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_split_smaller_than_one_batch_is_refused(fixture_root, tmp_path):
+    with pytest.raises(ValueError, match=r"train split has 8 examples, fewer than one batch \(data.batch_size=9 "
+                                         r"x 1 process\(es\) = 9\): .*basic_train\.tsv"):
+        train.main(_listops_argv(fixture_root["listops"], tmp_path / "run", "--data.batch_size=9"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_utf8_data_through_the_cli_names_file_and_line(fixture_root, tmp_path):
+    data = _copy_fixture(fixture_root["listops"], tmp_path / "data")
+    path = data / "listops-1000" / "basic_test.tsv"
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[3] = b"\xe9" + lines[3]
+    path.write_bytes(b"".join(lines))
+    env = dict(os.environ, PYTHONPATH=str(REPO), SSMKIT_DISABLE_TRITON="1")
+    done = subprocess.run([sys.executable, "-m", "experiments.lra.train", *_listops_argv(data, tmp_path / "run")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "basic_test.tsv, line 4: not UTF-8 text (byte 0xe9 at column 1)" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_is_validated_before_data_and_folder(fixture_root, tmp_path, monkeypatch):
+    from experiments.lra import data as D
+
+    args, cfg = train.parse_args(_listops_argv(fixture_root["listops"], tmp_path / "run"))
+    cfg.optim.lr = float("nan")  # as if set after parsing: run() checks again
+    monkeypatch.setattr(D, "load_task", lambda *a, **k: pytest.fail("data loaded before validation"))
+    with pytest.raises(ValueError, match=r"optim\.lr"):
+        train.run(cfg, data_dir=args.data_dir, out=args.out)
+    assert not (tmp_path / "run").exists()
+
+
+def _fake_memory(monkeypatch, available: int) -> None:
+    from experiments.lra import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (available, "test machine"))
+
+
+def test_memory_refusal_names_estimate_available_and_batch(fixture_root, tmp_path, monkeypatch):
+    from experiments.lra import memory
+
+    argv = _listops_argv(fixture_root["listops"], tmp_path / "run", "--data.batch_size=8", "--model.d_model=32",
+                         "--max-steps", "1")
+    args, cfg = train.parse_args(argv)
+    tr = train.build(cfg, train.setup_device(cfg), train.load_splits(cfg, args.data_dir, train.Runtime(
+        0, 1, torch.device("cpu"), False)), args.out)
+    est = memory.tensor_estimate(tr.model, seq_shape=(C.sequence_length(cfg),), device=torch.device("cpu"),
+                                 amp=False)
+    assert est.per_example > 0
+    # Room for batch 3 (parameters are already allocated, so they do not count against it).
+    available = int((est.peak(3) - est.params) / memory.HEADROOM) + 1
+    _fake_memory(monkeypatch, available)
+    with pytest.raises(MemoryError) as err:
+        train.main(argv)
+    msg = str(err.value)
+    assert f"estimated peak memory per step {est.peak(8) / 2**30:.2f} GiB at batch 8" in msg
+    assert f"available {available / 2**30:.2f} GiB (test machine)" in msg
+    assert "try --data.batch_size=3" in msg and "--force" in msg
+    assert not (tmp_path / "run").exists()
+    res = train.main(argv + ["--force"])
+    assert res["steps"] == 1
+
+
+def test_paper_pathx_on_a_cpu_is_refused(fixture_root, tmp_path, monkeypatch):
+    """The published Path-X setting does not fit an 8 GiB CPU machine: refused, with a batch that would."""
+    _fake_memory(monkeypatch, 8 * 2**30)
+    with pytest.raises(MemoryError, match=r"at batch 16 .*available 8\.00 GiB.*try --data\.batch_size=\d+"):
+        train.main(["--task", "pathx", "--model", "s4", "--preset", "paper", "--data-dir", str(fixture_root["pathx"]),
+                    "--out", str(tmp_path / "run"), "--train.progress=false", "--train.device=cpu",
+                    "--model.dt_transform=exp"])  # the memory question does not depend on the dt map
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cpu_estimate_covers_a_real_step(tmp_path):
+    """Independent check: the resident memory a real batch-16 step adds stays under the estimate."""
+    script = r"""
+import os, sys, torch
+torch.set_num_threads(1)
+from experiments.lra import config as C, memory
+from experiments.lra.models import build_model
+cfg = C.build_config("listops", sys.argv[1], "cpu-small", {"data.max_len": "2000", "model.d_model": "128",
+                                                            "model.n_layers": "2"})
+model = build_model(cfg)
+B, L = 16, 2000
+est = memory.tensor_estimate(model, seq_shape=(L,), device=torch.device("cpu"), amp=False)
+opt = torch.optim.AdamW(model.parameters())
+x, y = torch.randint(1, 16, (B, L)), torch.zeros(B, dtype=torch.long)
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+open("/proc/self/clear_refs", "w").write("5")
+base = kib("VmRSS") * 1024
+torch.nn.functional.cross_entropy(model(x, None), y).backward()
+opt.step()
+print(kib("VmHWM") * 1024 - base, est.peak(B) - est.params)
+"""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc")
+    env = dict(os.environ, PYTHONPATH=str(REPO), SSMKIT_DISABLE_TRITON="1")
+    for model in ("s4d", "s4", "transformer"):
+        out = subprocess.run([sys.executable, "-c", script, model], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        real, estimate = map(int, out.stdout.split())
+        assert real <= estimate, (model, real, estimate)

@@ -98,7 +98,7 @@ def test_mean_pooling_is_the_mean_of_streamed_outputs():
 
 
 @pytest.mark.parametrize("layer,tokens,pooling,bidirectional",
-                         [("s4d", True, "mean", True), ("s4", False, "none", False), ("s4", True, "last", True)])
+                         [("s4d", True, "mean", True), ("s4", False, "last", True)])
 def test_conv_program_matches_eager_at_every_length(layer, tokens, pooling, bidirectional):
     model = tiny(layer, tokens=tokens, pooling=pooling, bidirectional=bidirectional)
     prog = export.export_conv(model, 64).module()
@@ -158,12 +158,13 @@ def test_onnx_step_matches_eager_over_1000_steps(tmp_path, layer, tokens):
         assert_close(torch.from_numpy(s), torch.view_as_real(ref), **STREAM_TOL, name="state")
 
 
-@pytest.mark.parametrize("layer,tokens", CASES)
-def test_onnx_conv_matches_eager_at_every_length(tmp_path, layer, tokens):
+def test_onnx_conv_matches_eager_at_every_length(tmp_path):
+    # S4 and S4D give the same graph here (the filters are constants), so one model covers both;
+    # the causal path with pooling "none" is the one the torch.export test above leaves out
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    model = tiny(layer, tokens=tokens, pooling="none")
+    model = tiny("s4", tokens=False, pooling="none")
     sess = _onnx_session(export.save_onnx(model, str(tmp_path / "conv.onnx"), form="conv", max_len=64))
     gen = torch.Generator().manual_seed(6)
     for L in (2, 17, 64):
