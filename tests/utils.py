@@ -1,4 +1,4 @@
-"""The one tolerance table and the one comparison helper for the whole suite.
+"""The one tolerance table (per dtype, plus named classes) and the comparison helpers.
 
 Ground truth is float64/complex128. A fast path is allowed at most `BUDGET_FACTOR` times the error
 of the plain formula run at the fast path's precision, plus a small atol (docs/operators.md#test-contract).

@@ -381,6 +381,33 @@ def markdown(rows: list[dict], utilization: float) -> str:
     return "\n".join(lines + [""] + [f"Measured with {n} (not yet in this checkout)." for n in notes])
 
 
+def readme_section(rows: list[dict], full_rows: list[dict], utilization: float) -> str:
+    """The README section between the `cost` markers, from the rows of both runs."""
+    util = f"{utilization:.0%}"
+    return "\n".join([
+        "### What reproducing the table takes", "",
+        "`python -m experiments.lra.cost` (about an hour on 2 CPU cores) measures, for every task x model at "
+        "`--preset paper`: FLOPs of one training step at the preset's batch (`torch.utils.flop_counter` on "
+        "the CPU at batch 1 and 2, extrapolated linearly; FlopCounterMode does not count FFTs, so each FFT "
+        "call is added as 5 n log2 n per complex transform of length n, 2.5 n log2 n per real one; "
+        "elementwise work is not counted, so these are lower bounds), one measured CPU step at the full "
+        "length with batch 1 (float32; the machine is shared by other jobs, so times are noisy, for "
+        "orientation only) and the peak resident memory that step added. The GPU hours are an "
+        f"**estimate**, not a measurement: (training steps x FLOPs per step + one validation pass per epoch) "
+        f"at {util} of one H100's dense bf16 peak (989 TFLOP/s). FFT-heavy SSM steps in float32 usually "
+        "run further below peak than matrix products, so for S4/S4D read it as optimistic. The last column "
+        "is S4's own per-epoch time from state-spaces/s4 `models/s4/experiments.md` (their GPU, their "
+        "implementation) times the preset's epochs.", "",
+        markdown(rows, utilization), "",
+        "Every task at its full published length, two optimizer steps of the paper preset (schedule, "
+        "optimizer groups, clipping as configured) on generated official-format files, batch 2 (Path-X "
+        "Transformer: 1), CPU float32, each in its own process: "
+        "`python -m experiments.lra.cost --full-length` (also a slow test: "
+        "`pytest tests/experiments/test_lra_full_length.py --run-slow`). The first step runs at learning "
+        "rate 0 (warmup starts at 0).", "",
+        full_length_markdown(full_rows)])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m experiments.lra.cost", description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=list(C.TASKS), choices=C.TASKS)

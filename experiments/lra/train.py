@@ -300,8 +300,9 @@ def start(tr: Trainer, ckpt: dict | None) -> None:
         tr.state.update(ckpt["state"])
         rng = ckpt["rng"]  # a list (one per rank) when saved by a distributed run
         ckpt_io.set_rng_state(rng[tr.rt.rank % len(rng)] if isinstance(rng, list) else rng)
-        if tr.rt.main:
+        if tr.rt.main:  # what came after the checkpoint is redone: drop its records and the old result
             ckpt_io.trim_metrics(tr.out / "metrics.jsonl", tr.state["step"])
+            (tr.out / "result.json").unlink(missing_ok=True)
         s = tr.state
         tr.say(f"resumed from step {s['step']} (epoch {s['epoch'] + 1}, batch {s['batch_in_epoch']} of "
                f"{tr.steps_per_epoch}) of {tr.last_path}")

@@ -117,16 +117,21 @@ def test_checkpoint_records_layout_and_position(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_then_one_is_refused(data, tmp_path):
-    """A real 2-process gloo run (DDP without find_unused_parameters), then a 1-process resume."""
+@pytest.mark.parametrize("task", ["listops", "retrieval"])
+def test_torchrun_two_processes_then_one_is_refused(task, tmp_path):
+    """A real 2-process gloo run (DDP without find_unused_parameters: Retrieval's two-tower model must
+    give every parameter a gradient), then a 1-process resume, which is refused."""
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not on PATH")
+    data = write_fixtures(tmp_path / "data", task)
     out = tmp_path / "ddp"
+    argv = _argv(data, out, "--max-steps", "2")
+    argv[argv.index("--task") + 1] = task
     env = dict(os.environ, PYTHONPATH=str(REPO), SSMKIT_DISABLE_TRITON="1", OMP_NUM_THREADS="1")
-    cmd = ["torchrun", "--nproc_per_node", "2", "-m", "experiments.lra.train", *_argv(data, out, "--max-steps", "2")]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(["torchrun", "--nproc_per_node", "2", "-m", "experiments.lra.train", *argv], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert torch.load(out / "last.pt", weights_only=False)["layout"]["world_size"] == 2
-    again = subprocess.run([sys.executable, "-m", "experiments.lra.train", *_argv(data, out, "--resume")],
+    again = subprocess.run([sys.executable, "-m", "experiments.lra.train", *argv, "--resume", "--max-steps", "3"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "world_size: 2 -> 1" in again.stderr

@@ -58,7 +58,7 @@ def test_partial_rotary_matches_transformers():
     assert_close(mine, ref, tol="rope_vs_transformers", name="partial inv_freq")
 
 
-def test_plain_and_spec_formulas():
+def test_plain_ntk_and_ntk_mixed_formulas():
     d, s = 16, 4.0
     plain, scale = rope.rope_frequencies(d, base=500.0)
     assert scale == 1.0
