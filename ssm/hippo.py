@@ -1,20 +1,23 @@
-"""HiPPO transition matrices, their normal-plus-low-rank (NPLR) form and diagonal inits (SPEC 1).
+"""HiPPO transition matrices, their normal-plus-low-rank (NPLR) form and diagonal inits.
+
+The matrices and their derivation are in docs/hippo.md; how S4 uses the NPLR forms is in
+docs/s4.md ("NPLR forms per measure").
 
 Convention: `x' = A x + B u` for the translated measures ("legt", "lagt", "fout") and
 `x' = (A x + B u) / t` for the scaled Legendre measure ("legs"). Everything is built in float64
 (complex128 for the NPLR eigenbasis); callers cast down.
 
-- `transition(measure, N)` -> `(A, B)` exactly as in SPEC 1.
-- `rank_correction(measure, N)` -> `P (rank, N)` with `A + P^T P` normal.
+- `transition(measure, N)` -> `(A, B)` as written in docs/hippo.md.
+- `rank_correction(measure, N)` -> `P (rank, N)` with `A + P^T P` normal (`min_rank(measure)` rows).
 - `nplr(measure, N)` -> `(Lambda, P, B, V)`: `A = V (diag(Lambda) - P^T conj(P)) V^*` in the
   eigenbasis of the normal part, optionally keeping one member of each conjugate pair.
 - `diag_init(init, N)` -> the `N // 2` diagonal (S4D) eigenvalues.
 - `transition_matvec(measure, x)` -> `A @ x` in O(N) for LegS/LegT (cumulative-sum form).
 
-Note on "fout": it is the SPEC (and S4) matrix. Its rotation frequency of pair k is `pi*k`, i.e. a
-Fourier basis on a window of length 2, but its endpoint terms (`b b^T`, `b`) are twice those of the
-exact projection onto that window, so it is not an exact projection; `ssm.approx.basis("fout")`
-reads it out with the window-2 Fourier basis, which is approximate.
+Note on "fout": it is the matrix of docs/hippo.md (and of S4). Its rotation frequency of pair k
+is `pi*k`, i.e. a Fourier basis on a window of length 2, but its endpoint terms (`b b^T`, `b`)
+are twice those of the exact projection onto that window, so it is not an exact projection;
+`ssm.approx.basis("fout")` reads it out with the window-2 Fourier basis, which is approximate.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def _fout_b(N: int) -> torch.Tensor:
 
 
 def transition(measure: str, N: int, *, theta: float = 1.0, beta: float = 1.0):
-    """HiPPO `(A (N, N), B (N,))` in float64 (SPEC 1).
+    """HiPPO `(A (N, N), B (N,))` in float64 (docs/hippo.md).
 
     theta: window length, used by "legt" (divides A and B). beta: input scale of "lagt".
     Both are ignored by the other measures.
@@ -78,8 +81,14 @@ def transition(measure: str, N: int, *, theta: float = 1.0, beta: float = 1.0):
     return A, B
 
 
+def min_rank(measure: str) -> int:
+    """Rank of the low-rank term of the measure's NPLR form (LegT: 2, the others: 1)."""
+    _check_measure(measure)
+    return _RANK[measure]
+
+
 def rank_correction(measure: str, N: int) -> torch.Tensor:
-    """Low-rank `P (rank, N)` float64 such that `A + P^T P` is normal (SPEC 1, theta = 1)."""
+    """Low-rank `P (rank, N)` float64 such that `A + P^T P` is normal (theta = 1)."""
     _check_measure(measure)
     _check_n(N)
     n = torch.arange(N, dtype=_F64)  # (N,)
@@ -107,7 +116,7 @@ def _real_basis(W: torch.Tensor, tol: float) -> torch.Tensor:
 
 
 def nplr(measure: str, N: int, *, half: bool = True):
-    """Normal-plus-low-rank form of HiPPO `A` (theta = beta = 1), complex128 (SPEC 1).
+    """Normal-plus-low-rank form of HiPPO `A` (theta = beta = 1), complex128 (docs/hippo.md).
 
     Returns `(Lambda, P, B, V)` with `A = V (diag(Lambda) - P^T conj(P)) V^*` and `B_orig = V B`
     when half=False (shapes (N,), (rank, N), (N,), (N, N); any N). With half=True (N even) only one
@@ -151,7 +160,7 @@ def nplr(measure: str, N: int, *, half: bool = True):
 
 
 def diag_init(init: str, N: int) -> torch.Tensor:
-    """Diagonal (S4D) eigenvalues, `N // 2` values complex128 (SPEC 1); N must be even."""
+    """Diagonal (S4D) eigenvalues, `N // 2` values complex128 (docs/hippo.md); N must be even."""
     if init not in DIAG_INITS:
         raise ValueError(f"init must be one of {DIAG_INITS}, got {init!r}")
     _check_n(N)
@@ -168,7 +177,7 @@ def diag_init(init: str, N: int) -> torch.Tensor:
 
 
 def transition_matvec(measure: str, x: torch.Tensor, *, theta: float = 1.0) -> torch.Tensor:
-    """`A @ x` for x (..., N) in O(N) per vector for "legs" / "legt" (SPEC 1, structure).
+    """`A @ x` for x (..., N) in O(N) per vector for "legs" / "legt" (docs/hippo.md, structure).
 
     LegS: `A = diag(n) - tril(R R^T)`, so `A x = n*x - R * cumsum(R*x)`.
     LegT: `A[n,k] = -(R_n R_k / theta) * (1 if k < n else (-1)^n (-1)^k)`, an exclusive prefix sum

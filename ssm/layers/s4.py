@@ -1,10 +1,13 @@
 """The S4 / S4D layer: a drop-in sequence layer with convolution, recurrent and streaming modes.
 
-SPEC sections 1-3. `mode="diag"` is S4D: N/2 complex modes per channel from a diagonal init
-(`ssm.hippo.diag_init`), ZOH or bilinear, filter by a Vandermonde product. `mode="dplr"` is S4:
-the LegS NPLR form `A = Lambda - P P^*` (rank r Woodbury), bilinear, filter by Cauchy products, with
-the learned `Ct = C (I - Ab^l_max)` of S4. Both run as a recurrence (`step`) and in chunks with
-state passing (`forward(x, state)`), and both evaluate their filter at any length and step size.
+The math is in docs/s4.md. `mode="diag"` is S4D: N/2 complex modes per channel from a diagonal
+init (`ssm.hippo.diag_init`), ZOH or bilinear, filter by a Vandermonde product. `mode="dplr"` is
+S4: the NPLR form `A = Lambda - P P^*` of a HiPPO measure (LegS, LegT, LagT, FouT or the mixed
+"hippo" init, `ssm.layers.s4_init`; docs/s4.md "NPLR forms per measure"), bilinear, filter by
+Cauchy products (rank r Woodbury), with the learned `Ct = C (I - Ab^l_max)` of S4. Both run as a
+recurrence (`step`, O(N) per token for both modes: `ssm.layers.s4_step`, docs/s4.md "Streaming:
+diagonalized step") and in chunks with state passing (`forward(x, state)`), and both evaluate their
+filter at any length and step size.
 
 Parametrization: `Re(Lambda) = -exp(log_neg_real)` (stays negative), `Im(Lambda)` free, complex
 B, C, P stored as real (..., 2) float32 tensors (optimizers and `torch.compile` see real params).
@@ -16,7 +19,12 @@ autocast. Output: activation -> dropout -> Linear(channels*H, 2H) -> GLU.
 Lengths other than `l_max` (S4 only): `Ct` belongs to `l_max` and the training step size. For
 another length L or rate, C is recovered by `C = Ct (I - Ab^l_max)^-1` and `Ct_L = C (I - Ab'^L)`
 is used (dense O(H N^3) in complex128, independent of L). If `l_max` is not given it is fixed by
-the first forward call.
+the first forward call. `l_max` is part of the state_dict (buffer `fixed_l_max`, -1 = not fixed
+yet), so a reloaded layer reproduces its outputs; a checkpoint without it loads only into a layer
+constructed with `l_max=...` (that value is kept), otherwise loading raises.
+
+State (`default_state`, `step`, `forward(x, state)`): complex64, (B, H, N/2) for "diag" (one of
+each conjugate pair), (B, H, N) for "dplr" (the full system in the NPLR eigenbasis).
 """
 from __future__ import annotations
 
@@ -31,9 +39,13 @@ from ssm.fftconv import (dense_next_state, dense_state_response, diag_next_state
                          diag_state_response, fftconv, no_autocast)
 from ssm.layers.nn import activation as make_activation
 from ssm.layers.nn import check_lengths, length_mask
+from ssm.layers.s4_init import DPLR_INITS, dplr_init, min_rank
+from ssm.layers.s4_step import dplr_step, dplr_step_system
 
 MODES = ("diag", "dplr")
-DPLR_INITS = ("legs",)
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def _check_int(name: str, value, lo: int = 1) -> None:
@@ -41,12 +53,23 @@ def _check_int(name: str, value, lo: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
 
 
+def _check_init(mode: str, init) -> None:
+    inits = hippo.DIAG_INITS if mode == "diag" else DPLR_INITS
+    if init in inits:
+        return
+    other = "dplr" if mode == "diag" else "diag"
+    if init in (DPLR_INITS if mode == "diag" else hippo.DIAG_INITS):
+        raise ValueError(f"init={init!r} is not supported with mode={mode!r} (it is a mode={other!r} init); "
+                         f"mode={mode!r} supports init in {inits}")
+    raise ValueError(f"init must be one of {inits} for mode={mode!r}, got {init!r}")
+
+
 class S4(nn.Module):
     """S4 (mode="dplr") or S4D (mode="diag") layer on (B, L, d_model) sequences."""
 
     def __init__(self, d_model: int, d_state: int = 64, *, mode: str = "diag", init: str = "legs",
-                 rank: int = 1, bidirectional: bool = False, channels: int = 1, dt_min: float = 1e-3,
-                 dt_max: float = 1e-1, discretization: str | None = None, activation: str = "gelu",
+                 rank: int | None = None, bidirectional: bool = False, channels: int = 1,
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, discretization: str | None = None, activation: str = "gelu",
                  dropout: float = 0.0, ssm_lr: float = 1e-3, l_max: int | None = None,
                  backend: str = "auto", device=None, dtype=None):
         super().__init__()
@@ -57,9 +80,7 @@ class S4(nn.Module):
         _check_int("d_state", d_state, 2)
         if d_state % 2:
             raise ValueError(f"d_state must be even (N/2 complex conjugate pairs), got d_state={d_state}")
-        inits = hippo.DIAG_INITS if mode == "diag" else DPLR_INITS
-        if init not in inits:
-            raise ValueError(f"init must be one of {inits} for mode={mode!r}, got {init!r}")
+        _check_init(mode, init)
         allowed = filters.DIAG_METHODS if mode == "diag" else ("bilinear",)
         discretization = allowed[0] if discretization is None else discretization
         if discretization not in allowed:
@@ -68,7 +89,12 @@ class S4(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if l_max is not None:
             _check_int("l_max", l_max)
+        if mode == "dplr":
+            rank = min_rank(init) if rank is None else rank
+            _check_int("rank", rank)
+            self.register_buffer("fixed_l_max", torch.tensor(-1, dtype=torch.int64, device=device))
         self.d_model, self.d_state, self.mode, self.rank = d_model, d_state, mode, rank
+        self.init = init
         self.channels, self.bidirectional = channels, bidirectional
         self.discretization, self.l_max, self.backend, self.rate = discretization, l_max, backend, 1.0
         H, N2 = d_model, d_state // 2
@@ -78,15 +104,8 @@ class S4(nn.Module):
             Lam = hippo.diag_init(init, d_state)                       # (N2,)
             B = hippo.nplr("legs", d_state)[2] if init == "legs" else torch.ones(N2, dtype=torch.complex128)
         else:
-            _check_int("rank", rank)
-            Lam, P, B, _ = hippo.nplr(init, d_state)                   # (N2,), (r0, N2), (N2,)
-            if rank < P.shape[0]:
-                raise ValueError(f"rank must be >= {P.shape[0]} for init={init!r}, got {rank}")
-            # extra low-rank rows start small but non-zero (at zero their gradient vanishes, the
-            # correction being quadratic in P); -p p^* only adds damping, so A stays stable
-            extra = torch.randn(rank - P.shape[0], N2, dtype=torch.complex128) * 1e-2
-            P = torch.cat([P, extra])                                  # (r, N2)
-            self.P = self._ssm_param(torch.view_as_real(P.expand(H, rank, N2).transpose(0, 1)), f32, ssm_lr)
+            Lam, P, B = dplr_init(init, d_state, H, rank)              # (H, N2), (r, H, N2), (H, N2)
+            self.P = self._ssm_param(torch.view_as_real(P), f32, ssm_lr)
         self.log_neg_real = self._ssm_param(torch.log(-Lam.real).expand(H, N2), f32, ssm_lr)
         self.imag = self._ssm_param(Lam.imag.expand(H, N2), f32, ssm_lr)
         self.B = self._ssm_param(torch.view_as_real(B.expand(H, N2)), f32, ssm_lr)
@@ -99,6 +118,7 @@ class S4(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(channels * H, 2 * H, device=device, dtype=dtype)
         self._step_cache = None
+        self._step_dense = False
 
     @staticmethod
     def _ssm_param(t: torch.Tensor, f32: dict, lr: float) -> nn.Parameter:
@@ -123,6 +143,36 @@ class S4(nn.Module):
         C = torch.view_as_complex(self.C.float())
         P = torch.view_as_complex(self.P.float()) if self.mode == "dplr" else None
         return Lam, B, C, P, torch.exp(self.log_dt.float())
+
+    @property
+    def l_max(self) -> int | None:
+        """Length that relates the learned Ct to C (mode="dplr"); None until fixed."""
+        return self._l_max
+
+    @l_max.setter
+    def l_max(self, value: int | None) -> None:
+        self._l_max = value
+        if "fixed_l_max" in self._buffers:
+            with torch.no_grad():
+                self.fixed_l_max.fill_(-1 if value is None else value)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "fixed_l_max"
+        has_layer = any(k.startswith(prefix) for k in state_dict)      # else: plain missing keys
+        if self.mode == "dplr" and key not in state_dict and has_layer:
+            if self.l_max is None:
+                error_msgs.append(
+                    f"{key} is missing from the checkpoint (saved before l_max was stored): this "
+                    "mode='dplr' layer's outputs depend on the length its Ct was trained for; construct "
+                    "the layer with l_max=<that length> before loading (the given value is then kept)")
+            else:
+                state_dict[key] = self.fixed_l_max.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self.mode == "dplr":
+            value = int(self.fixed_l_max)
+            self._l_max = None if value < 0 else value
 
     def _fix_l_max(self, L: int) -> int:
         if self.l_max is None:
@@ -162,9 +212,17 @@ class S4(nn.Module):
             raise ValueError("a bidirectional S4 has no recurrent state (no step, no state passing)")
         n = self.d_state // 2 if self.mode == "diag" else self.d_state
         want = (batch, self.d_model, n)
-        if not isinstance(state, torch.Tensor) or tuple(state.shape) != want or not state.is_complex():
-            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-            raise ValueError(f"state must be a complex tensor of shape {want} (see default_state), got {got}")
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"state must be a torch.Tensor of shape {want}, dtype torch.complex64 "
+                            f"(see default_state), got {type(state).__name__}")
+        if tuple(state.shape) != want:
+            raise ValueError(f"state must have shape {want} (batch, d_model, "
+                             f"{'d_state/2' if self.mode == 'diag' else 'd_state'}) for mode={self.mode!r} "
+                             f"(see default_state), got {tuple(state.shape)}")
+        if state.dtype != torch.complex64:
+            raise TypeError(f"state must have dtype torch.complex64 (see default_state), got {state.dtype}")
+        if state.device != self.log_dt.device:
+            raise ValueError(f"state must be on the layer's device {self.log_dt.device}, got {state.device}")
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None, *, rate: float | None = None):
@@ -228,36 +286,84 @@ class S4(nn.Module):
         device = self.log_dt.device if device is None else device
         return torch.zeros(batch_size, self.d_model, n, dtype=torch.complex64, device=device)
 
+    def _step_key(self, rate: float):
+        """What the cached step system depends on: settings, then parameter versions/storage."""
+        params = tuple((p._version, p.data_ptr(), p.device) for p in self.parameters())
+        return (rate, self.l_max, self._step_dense), params
+
     def _recurrence(self, rate: float):
-        """(Ab, Bb, C) for one step: diag (H, N2) elementwise, dplr dense (H, N, N), complex64."""
-        key = (rate, self.l_max, self.mode, tuple(p._version for p in self.parameters()))
-        if not torch.is_grad_enabled() and self._step_cache is not None and self._step_cache[0] == key:
-            return self._step_cache[1]
+        """The step system, complex64: ("diag", z, Bb, C) with (H, N2) tensors, or for dplr
+        ("dplr", z, E, F, Bb, C) (diagonal plus rank r, `ssm.layers.s4_step`) or ("dense", Ab, Bb, C).
+
+        Cached while grad is off (inference) and the parameters are unchanged. While
+        `torch.export` traces, a cache built by `setup_step` for the same rate is used as is (the
+        traced parameters are fake tensors whose versions say nothing: call `setup_step` right
+        before exporting).
+        """
+        cache = self._step_cache
+        if _is_exporting():
+            if cache is None or cache[0][0] != (rate, self.l_max, self._step_dense):
+                raise RuntimeError(f"call setup_step(rate={rate}) on the layer before torch.export of "
+                                   "a function that calls step (the step system is built outside the graph)")
+            return cache[1]
+        key = self._step_key(rate)
+        if not torch.is_grad_enabled() and cache is not None and cache[0] == key:
+            return cache[1]
+        c64 = torch.complex64
         Lam, B, C, P, dt = self._params()
         if self.mode == "diag":
             log_z, Bb = filters.diag_discretize(Lam, B, dt * rate, self.discretization)
-            out = (torch.exp(log_z), Bb, C)
-        else:
+            out = ("diag", torch.exp(log_z), Bb, C)
+        elif self._step_dense:
             Ab, Bbf = filters.dplr_dense(Lam, P, B, dt * rate)
             Cf = self._full_c(Lam, P, B, C, dt)
-            out = (Ab.to(torch.complex64), Bbf.to(torch.complex64), Cf.to(torch.complex64))
+            out = ("dense", Ab.to(c64), Bbf.to(c64), Cf.to(c64))
+        else:
+            z, E, F, Bbf = dplr_step_system(Lam, P, B, dt * rate)
+            Cf = self._full_c(Lam, P, B, C, dt)
+            out = ("dplr",) + tuple(t.to(c64) for t in (z, E, F, Bbf, Cf))
         if not torch.is_grad_enabled():
+            out = (out[0],) + tuple(t.detach() for t in out[1:])
             self._step_cache = (key, out)
         return out
 
+    @torch.no_grad()
+    def setup_step(self, *, rate: float | None = None, dense: bool = False) -> None:
+        """Build the step system now (one O(H N^3) complex128 setup for mode="dplr").
+
+        After this, `step(x, state)` at the same rate is a fixed sequence of tensor operations
+        (no Python branching on data, no host synchronisation), which `torch.export` can trace.
+        The cache is rebuilt automatically when a parameter changes (optimizer step,
+        load_state_dict, `.to(device)`). `dense=True` (mode="dplr" only) steps with the dense
+        N x N `Ab` instead of the O(N r) diagonal-plus-low-rank form: a reference, for checks
+        and timing.
+        """
+        if dense and self.mode != "dplr":
+            raise ValueError(f"setup_step(dense=True) needs mode='dplr', got mode={self.mode!r}")
+        if self.bidirectional:
+            raise ValueError("a bidirectional S4 has no recurrent state (no step, no state passing)")
+        self._step_dense = bool(dense)
+        self._recurrence(self.rate if rate is None else rate)
+
     def step(self, x_t: torch.Tensor, state: torch.Tensor, *, rate: float | None = None):
-        """One time step: x_t (B, H), state -> (y_t (B, H), next state)."""
+        """One time step: x_t (B, H), state (see default_state) -> (y_t (B, H), next state).
+
+        O(H N) per token in both modes (O(H N r) for mode="dplr").
+        """
         self._check_x(x_t, 2)
         self._check_state(state, x_t.shape[0])
         rate = self.rate if rate is None else rate
         with no_autocast(x_t.device.type):
             u = x_t.float()                                            # (B, H)
-            Ab, Bb, C = self._recurrence(rate)
-            state = state.to(torch.complex64)
-            if self.mode == "diag":
-                state = Ab * state + Bb * u[..., None]                 # (B, H, N2)
+            kind, *system = self._recurrence(rate)
+            if kind == "diag":
+                z, Bb, C = system
+                state = z * state + Bb * u[..., None]                  # (B, H, N2)
                 y = 2 * torch.einsum("chn,bhn->bch", C, state).real    # (B, c, H)
+            elif kind == "dplr":
+                y, state = dplr_step(*system, state, u)                # (B, c, H), (B, H, N)
             else:
+                Ab, Bb, C = system
                 state = torch.einsum("hnm,bhm->bhn", Ab, state) + Bb * u[..., None]   # (B, H, N)
                 y = torch.einsum("chn,bhn->bch", C, state).real        # (B, c, H)
             y = y + self.D.float() * u[:, None, :]                     # (B, c, H)
