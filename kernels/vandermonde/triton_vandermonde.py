@@ -1,18 +1,24 @@
-"""Triton Vandermonde product (SPEC sections 3 and 4): kernels, launchers, autograd.Function.
+"""Triton kernels for the Vandermonde product, then their launchers (`docs/operators.md`,
+"Vandermonde operator").
 
     out[r, l] = 2 Re sum_n v[r, n] exp(x[r, n] l)
 
-Power reuse (SPEC 3): with l = c*T + t (T = BLOCK_T), exp(x l) = exp(x cT) exp(x t). A program
-owns one row and a (BLOCK_C x BLOCK_T) tile of output positions; per block of N terms it builds
-the power table W[n, t] = exp(x_n t) and the chunk-start powers E[c, n] = exp(x_n cT) (phases
-formed in float64 and reduced mod 2 pi, so L = 64K keeps float32 accuracy), then the tile is
-the real part of the matrix product (v E) @ W, i.e. two real `tl.dot`s. Transcendentals cost
-N * (BLOCK_C + BLOCK_T) per program instead of N * BLOCK_C * BLOCK_T.
+Power reuse: with l = c*T + t (T = BLOCK_T), exp(x l) = exp(x cT) exp(x t). Both kernels build,
+per block of N terms, the power table W[n, t] = exp(x_n t) and the chunk-start powers
+E[c, n] = exp(x_n cT) (phases formed in float64 and reduced mod 2 pi, so L = 64K keeps float32
+accuracy) and contract them with real `tl.dot`s ("ieee": tf32 would cost ~1e-3 relative error).
+Transcendentals cost N * (BLOCK_C + BLOCK_T) per tile instead of N * BLOCK_C * BLOCK_T.
 
-The backward kernel gives grad_v = 2 conj(sum_l g_l exp(x l)) and
-grad_x = 2 conj(v sum_l g_l l exp(x l)); one program per (row, block of N) loops over L, so the
-reduction order is fixed (no atomics, deterministic). Complex tensors never enter a kernel: the
-launchers pass `torch.view_as_real` planes (interleaved real, imag).
+- forward: grid (rows, blocks of BLOCK_C chunks); loop over blocks of N; the tile of outputs is
+  Re((v E) @ W), two dots.
+- backward: grid (rows, blocks of N); loop over blocks of BLOCK_C chunks, accumulating
+  Q[n, t] = sum_c E[c, n] g[c, t] and Q1[n, t] = sum_c cT E[c, n] g[c, t] (four dots whose
+  operands all change from one iteration to the next); after the loop
+  sum_l g_l exp(x l) = sum_t W Q and sum_l g_l l exp(x l) = sum_t W (Q1 + t Q). The loop order is
+  fixed (no atomics, deterministic).
+Complex tensors stop at the launchers: kernels read and write contiguous interleaved real/imaginary
+planes (`torch.view_as_real`), indexed flat, so element k of a complex row lives at float offsets
+2k and 2k + 1.
 """
 from __future__ import annotations
 
@@ -20,21 +26,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import interpreter_on
-
-# Test hook: when True the launchers fill outputs with NaN before the kernels run, so an element a
-# kernel forgets to write shows up as NaN.
-POISON_OUTPUTS = False
+from kernels._triton import autotune_configs, empty_output, planes
 
 
-def _configs():
-    if interpreter_on():
-        # The interpreter cannot benchmark and runs programs one by one: one small config.
-        return [triton.Config({"BLOCK_C": 16, "BLOCK_T": 32}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_C": bc, "BLOCK_T": bt}, num_warps=w)
-        for bc, bt, w in ((32, 64, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8))
-    ]
+def _fwd_configs() -> list[triton.Config]:
+    gpu = [({"BLOCK_C": bc, "BLOCK_T": bt}, nw) for bc, bt, nw in ((32, 64, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8))]
+    return autotune_configs({"BLOCK_C": 16, "BLOCK_T": 32}, gpu)
+
+
+def _bwd_configs() -> list[triton.Config]:
+    # Eight warps: with four, the four (BLOCK_N, BLOCK_T) accumulators and the dot operands need
+    # more than the 255 registers a thread has (ptxas then spills), see kernels/README.md.
+    gpu = [({"BLOCK_C": bc, "BLOCK_T": bt}, 8) for bc, bt in ((16, 64), (32, 64), (16, 128), (32, 32))]
+    return autotune_configs({"BLOCK_C": 16, "BLOCK_T": 32}, gpu)
 
 
 @triton.jit
@@ -63,15 +67,15 @@ def _block_power(xr, xi, offs_t):
     return mag * tl.cos(phase), mag * tl.sin(phase)
 
 
-@triton.autotune(configs=_configs(), key=["N", "L"])
+@triton.autotune(configs=_fwd_configs(), key=["N", "L"])
 @triton.jit
-def _vandermonde_fwd_kernel(v_ptr, x_ptr, out_ptr, N, L, stride_v, stride_x, stride_out,
+def _vandermonde_fwd_kernel(v_ptr, x_ptr, out_ptr, N, L,
                             BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)                # chunk indices
     offs_t = tl.arange(0, BLOCK_T)
-    v_row = v_ptr + row * stride_v
-    x_row = x_ptr + row * stride_x
+    v_row = v_ptr + row * (2 * N)
+    x_row = x_ptr + row * (2 * N)
     acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=out_ptr.dtype.element_ty)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -85,128 +89,97 @@ def _vandermonde_fwd_kernel(v_ptr, x_ptr, out_ptr, N, L, stride_v, stride_x, str
         ar = vr[None, :] * er - vi[None, :] * ei                                # (BLOCK_C, BLOCK_N)
         ai = vr[None, :] * ei + vi[None, :] * er                                # (BLOCK_C, BLOCK_N)
         wr, wi = _block_power(xr, xi, offs_t)                                   # (BLOCK_N, BLOCK_T)
-        # Re((ar + i ai) @ (wr + i wi)); "ieee" because tf32 would cost ~1e-3 relative error.
+        # Re((ar + i ai) @ (wr + i wi))
         acc += tl.dot(ar, wr, input_precision="ieee") - tl.dot(ai, wi, input_precision="ieee")
     offs_l = offs_c[:, None] * BLOCK_T + offs_t[None, :]                        # (BLOCK_C, BLOCK_T)
-    tl.store(out_ptr + row * stride_out + offs_l, 2 * acc, mask=offs_l < L)
+    tl.store(out_ptr + row * L + offs_l, 2 * acc, mask=offs_l < L)
 
 
-@triton.autotune(configs=_configs(), key=["N", "L"])
+@triton.autotune(configs=_bwd_configs(), key=["N", "L"])
 @triton.jit
-def _vandermonde_bwd_kernel(g_ptr, v_ptr, x_ptr, gv_ptr, gx_ptr, N, L, stride_g, stride_v, stride_x,
+def _vandermonde_bwd_kernel(g_ptr, v_ptr, x_ptr, gv_ptr, gx_ptr, N, L,
                             BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_t = tl.arange(0, BLOCK_T)
-    v_row = v_ptr + row * stride_v
-    x_row = x_ptr + row * stride_x
-    vr = tl.load(v_row + 2 * offs_n, mask=mask_n, other=0.0)
-    vi = tl.load(v_row + 2 * offs_n + 1, mask=mask_n, other=0.0)
+    x_row = x_ptr + row * (2 * N)
     xr = tl.load(x_row + 2 * offs_n, mask=mask_n, other=0.0)
     xi = tl.load(x_row + 2 * offs_n + 1, mask=mask_n, other=0.0)
-    wr, wi = _block_power(xr, xi, offs_t)                                       # (BLOCK_N, BLOCK_T)
-    tw = offs_t.to(xr.dtype)[None, :]
-    wr_t = tl.trans(wr)                                                         # (BLOCK_T, BLOCK_N)
-    wi_t = tl.trans(wi)
-    twr_t = tl.trans(wr * tw)
-    twi_t = tl.trans(wi * tw)
-    # sum0 = sum_l g_l exp(x l), sum1 = sum_l g_l l exp(x l), accumulated in a fixed order.
-    s0r = tl.zeros((BLOCK_N,), dtype=xr.dtype)
-    s0i = tl.zeros((BLOCK_N,), dtype=xr.dtype)
-    s1r = tl.zeros((BLOCK_N,), dtype=xr.dtype)
-    s1i = tl.zeros((BLOCK_N,), dtype=xr.dtype)
+    # Q = sum_c E^T g and Q1 = sum_c (cT E)^T g, real and imaginary parts, (BLOCK_N, BLOCK_T) each.
+    # The power table W is not needed inside the loop: a loop-invariant dot operand would stay in
+    # registers (with the chunk's g shared by four dots, that spilled 6-18 KB per thread).
+    q0r = tl.zeros((BLOCK_N, BLOCK_T), dtype=xr.dtype)
+    q0i = tl.zeros((BLOCK_N, BLOCK_T), dtype=xr.dtype)
+    q1r = tl.zeros((BLOCK_N, BLOCK_T), dtype=xr.dtype)
+    q1i = tl.zeros((BLOCK_N, BLOCK_T), dtype=xr.dtype)
     n_chunks = tl.cdiv(L, BLOCK_T)
     for c0 in range(0, n_chunks, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         offs_l = offs_c[:, None] * BLOCK_T + offs_t[None, :]                    # (BLOCK_C, BLOCK_T)
-        g = tl.load(g_ptr + row * stride_g + offs_l, mask=offs_l < L, other=0.0).to(xr.dtype)
-        pr = tl.dot(g, wr_t, input_precision="ieee")                           # (BLOCK_C, BLOCK_N)
-        pi = tl.dot(g, wi_t, input_precision="ieee")
-        qr = tl.dot(g, twr_t, input_precision="ieee")
-        qi = tl.dot(g, twi_t, input_precision="ieee")
+        g = tl.load(g_ptr + row * L + offs_l, mask=offs_l < L, other=0.0).to(xr.dtype)
         er, ei = _chunk_start_power(xr, xi, offs_c, BLOCK_T)                   # (BLOCK_C, BLOCK_N)
         # Chunks past the end hold g = 0; zero E there too so an overflowing power cannot make NaN.
         valid = (offs_c < n_chunks)[:, None]
         er = tl.where(valid, er, 0.0)
         ei = tl.where(valid, ei, 0.0)
         start = (offs_c * BLOCK_T).to(xr.dtype)[:, None]                       # (BLOCK_C, 1)
-        s0r += tl.sum(er * pr - ei * pi, axis=0)
-        s0i += tl.sum(er * pi + ei * pr, axis=0)
-        qr = start * pr + qr
-        qi = start * pi + qi
-        s1r += tl.sum(er * qr - ei * qi, axis=0)
-        s1i += tl.sum(er * qi + ei * qr, axis=0)
+        q0r = tl.dot(tl.trans(er), g, q0r, input_precision="ieee")
+        q0i = tl.dot(tl.trans(ei), g, q0i, input_precision="ieee")
+        q1r = tl.dot(tl.trans(start * er), g, q1r, input_precision="ieee")
+        q1i = tl.dot(tl.trans(start * ei), g, q1i, input_precision="ieee")
+    wr, wi = _block_power(xr, xi, offs_t)                                       # (BLOCK_N, BLOCK_T)
+    tw = offs_t.to(xr.dtype)[None, :]                                           # (1, BLOCK_T)
+    q1r += tw * q0r
+    q1i += tw * q0i
+    # sum0 = sum_l g_l exp(x l) = sum_t W Q, sum1 = sum_l g_l l exp(x l) = sum_t W (Q1 + t Q)
+    s0r = tl.sum(wr * q0r - wi * q0i, axis=1)                                   # (BLOCK_N,)
+    s0i = tl.sum(wr * q0i + wi * q0r, axis=1)
+    s1r = tl.sum(wr * q1r - wi * q1i, axis=1)
+    s1i = tl.sum(wr * q1i + wi * q1r, axis=1)
+    v_row = v_ptr + row * (2 * N)
+    vr = tl.load(v_row + 2 * offs_n, mask=mask_n, other=0.0)
+    vi = tl.load(v_row + 2 * offs_n + 1, mask=mask_n, other=0.0)
     # grad_v = 2 conj(sum0); grad_x = 2 conj(v sum1).
-    tl.store(gv_ptr + row * stride_v + 2 * offs_n, 2 * s0r, mask=mask_n)
-    tl.store(gv_ptr + row * stride_v + 2 * offs_n + 1, -2 * s0i, mask=mask_n)
-    tl.store(gx_ptr + row * stride_x + 2 * offs_n, 2 * (vr * s1r - vi * s1i), mask=mask_n)
-    tl.store(gx_ptr + row * stride_x + 2 * offs_n + 1, -2 * (vr * s1i + vi * s1r), mask=mask_n)
+    out = row * (2 * N) + 2 * offs_n
+    tl.store(gv_ptr + out, 2 * s0r, mask=mask_n)
+    tl.store(gv_ptr + out + 1, -2 * s0i, mask=mask_n)
+    tl.store(gx_ptr + out, 2 * (vr * s1r - vi * s1i), mask=mask_n)
+    tl.store(gx_ptr + out + 1, -2 * (vr * s1i + vi * s1r), mask=mask_n)
 
 
-def _empty(shape, *, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _block_n(N: int) -> int:
-    # tl.dot needs every dimension >= 16; more than 64 terms per block only adds registers.
-    return min(max(16, triton.next_power_of_2(N)), 64)
+def _block_n(N: int, cap: int) -> int:
+    # tl.dot needs every dimension >= 16; wider blocks only add registers.
+    return min(max(16, triton.next_power_of_2(N)), cap)
 
 
 def vandermonde_fwd_triton(v: torch.Tensor, x: torch.Tensor, L: int) -> torch.Tensor:
     """Forward launcher: v, x complex (R, N) -> out real (R, L). No autograd."""
     R, N = v.shape
-    vp = torch.view_as_real(v.resolve_conj().contiguous())                       # (R, N, 2)
-    xp = torch.view_as_real(x.resolve_conj().contiguous())                       # (R, N, 2)
-    out = _empty((R, L), dtype=vp.dtype, device=v.device)         # (R, L)
+    out = empty_output((R, L), dtype=v.real.dtype, device=v.device)            # (R, L)
     if R == 0:
         return out
 
     def grid(meta):
         return (R, triton.cdiv(triton.cdiv(L, meta["BLOCK_T"]), meta["BLOCK_C"]))
 
-    _vandermonde_fwd_kernel[grid](vp, xp, out, N, L, vp.stride(0), xp.stride(0), out.stride(0),
-                                  BLOCK_N=_block_n(N))
+    _vandermonde_fwd_kernel[grid](planes(v), planes(x), out, N, L, BLOCK_N=_block_n(N, 64))
     return out
 
 
 def vandermonde_bwd_triton(grad: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward launcher: grad real (R, L), v, x complex (R, N) -> (grad_v, grad_x) complex (R, N)."""
+    """Backward launcher: grad real (R, L), v, x complex (R, N) -> (grad_v, grad_x) complex (R, N).
+
+    Blocks of N terms are independent programs here (no work is repeated across them), so they
+    are at most 32 wide: more programs, and accumulators that fit in registers. No autograd.
+    """
     R, N = v.shape
     L = grad.shape[-1]
-    vp = torch.view_as_real(v.resolve_conj().contiguous())                       # (R, N, 2)
-    xp = torch.view_as_real(x.resolve_conj().contiguous())                       # (R, N, 2)
-    g = grad.to(vp.dtype).contiguous()                            # (R, L)
-    gv = _empty(vp.shape, dtype=vp.dtype, device=v.device)        # (R, N, 2)
-    gx = _empty(xp.shape, dtype=xp.dtype, device=x.device)        # (R, N, 2)
+    g = grad.to(v.real.dtype).contiguous()                                      # (R, L)
+    gv = empty_output(v.shape, dtype=v.dtype, device=v.device)                  # (R, N)
+    gx = empty_output(x.shape, dtype=x.dtype, device=x.device)                  # (R, N)
     if R > 0:
-        block_n = _block_n(N)
-        grid = (R, triton.cdiv(N, block_n))
-        _vandermonde_bwd_kernel[grid](g, vp, xp, gv, gx, N, L, g.stride(0), vp.stride(0), xp.stride(0),
-                                      BLOCK_N=block_n)
-    return torch.view_as_complex(gv), torch.view_as_complex(gx)
-
-
-class VandermondeTriton(torch.autograd.Function):
-    """Autograd over the Triton kernels; saves only v and x (the backward recomputes powers)."""
-
-    @staticmethod
-    def forward(ctx, v, x, L):
-        ctx.save_for_backward(v, x)
-        return vandermonde_fwd_triton(v, x, L)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        v, x = ctx.saved_tensors
-        gv, gx = vandermonde_bwd_triton(grad, v, x)
-        return gv, gx, None
-
-
-def vandermonde_triton(v: torch.Tensor, x: torch.Tensor, L: int) -> torch.Tensor:
-    """Triton Vandermonde product with autograd: complex (..., N) -> real (..., L); no validation."""
-    lead = v.shape[:-1]
-    out = VandermondeTriton.apply(v.reshape(-1, v.shape[-1]), x.reshape(-1, x.shape[-1]), L)  # (R, L)
-    return out.reshape(*lead, L)                                  # (..., L)
+        block_n = _block_n(N, 32)
+        _vandermonde_bwd_kernel[(R, triton.cdiv(N, block_n))](g, planes(v), planes(x), torch.view_as_real(gv),
+                                                              torch.view_as_real(gx), N, L, BLOCK_N=block_n)
+    return gv, gx
