@@ -2,6 +2,7 @@
 
 Public names are resolved lazily so `import ssm` stays cheap. Note: an unrelated distribution on
 the package index also installs a top-level `ssm` package; this one comes from `ssmkit`.
+`S4` and `S4Block` return `(y, state)`; wrap them in `SequenceOnly` to use them in `nn.Sequential`.
 """
 from __future__ import annotations
 
@@ -10,18 +11,25 @@ import importlib
 _EXPORTS = {
     "S4": "ssm.layers.s4",
     "S4Block": "ssm.layers.block",
+    "SequenceOnly": "ssm.layers.nn",
+    "SequenceDropout": "ssm.layers.nn",
     "param_groups": "ssm.layers.params",
     "MultiHeadAttention": "ssm.layers.attention",
     "TransformerBlock": "ssm.layers.attention",
     "SequenceModel": "ssm.models",
 }
+_MODULES = ("approx", "discretize", "fftconv", "filters", "hippo", "layers", "models")
 
-__all__ = sorted(_EXPORTS) + ["hippo", "discretize", "approx", "models"]
+__all__ = sorted(_EXPORTS) + list(_MODULES)
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("hippo", "discretize", "approx", "models", "filters", "fftconv", "layers"):
+    if name in _MODULES:
         return importlib.import_module(f"ssm.{name}")
     raise AttributeError(f"module 'ssm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,13 +1,19 @@
-"""Discretization of `x' = A x + B u` with step dt (SPEC 2).
+"""Discretization of `x' = A x + B u` with step dt (docs/discretization.md).
 
-- `discretize(A, B, dt, method)` for dense `A (..., N, N)`, `B (..., N)`: GBT family
-  `Ab = (I - alpha dt A)^-1 (I + (1-alpha) dt A)`, `Bb = (I - alpha dt A)^-1 dt B`
+- `discretize(A, B, dt, method)` for dense `A (..., N, N)`, `B (..., N)`, real or complex: GBT
+  family `Ab = (I - alpha dt A)^-1 (I + (1-alpha) dt A)`, `Bb = (I - alpha dt A)^-1 dt B`
   (forward Euler alpha=0, backward Euler alpha=1, bilinear alpha=1/2) and ZOH via one matrix
   exponential of the block matrix `dt [[A, B], [0, 0]]` (valid for singular A).
 - `discretize_diag(A, B, dt, method)` for diagonal `A (..., N)` (real or complex), elementwise.
+  ZOH uses `expm1` (accurate for small `dt * A`, limit `dt * B` at `A = 0`); `log=True` returns a
+  logarithm of the pole `Ab` instead of `Ab` (what a Vandermonde filter needs), computed without
+  forming `Ab` first.
+- `expm1c(z)` and `log_pole(z, alpha) = log((1 + (1-alpha) z) / (1 - alpha z))`: complex, to
+  relative accuracy for small `z` (any device, autograd included).
 - `legs_step(c, u, k, method)`: one step of the time-varying LegS system `x' = (A x + B u)/t`,
   GBT with `dt/t_k = 1/k`; forward Euler uses the O(N) matvec, implicit steps a triangular solve.
-- `log_dt_init(H)`: `log dt ~ U[log dt_min, log dt_max]`, one per channel.
+- `log_dt_init(H)`: `log dt ~ U[log dt_min, log dt_max]`, one per channel; `dt_param_init` /
+  `dt_from_param` store dt as `log dt` (`"exp"`) or as the inverse softplus of dt (`"softplus"`).
 
 `dt` is a float or a tensor whose shape broadcasts against the leading (batch) dims of A, e.g.
 `dt (3,)` with `A (N, N)` gives `Ab (3, N, N)`; `dt (H,)` with diagonal `A (H, N)` gives `(H, N)`.
@@ -22,6 +28,7 @@ import torch
 from ssm.hippo import transition, transition_matvec
 
 METHODS = ("forward_euler", "backward_euler", "bilinear", "gbt", "zoh")
+DT_TRANSFORMS = ("exp", "softplus")
 _ALPHA = {"forward_euler": 0.0, "backward_euler": 1.0, "bilinear": 0.5}
 
 
@@ -40,8 +47,8 @@ def _alpha(method: str, alpha) -> float | None:
     return _ALPHA.get(method)
 
 
-def _as_dt(dt, ref: torch.Tensor) -> torch.Tensor:
-    """dt as a real tensor on ref's device, checked positive."""
+def _as_dt(dt, ref: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """dt as a real tensor on ref's device; checked positive unless `check=False`."""
     if isinstance(dt, torch.Tensor):
         if dt.is_complex():
             raise TypeError("dt must be real")
@@ -50,20 +57,27 @@ def _as_dt(dt, ref: torch.Tensor) -> torch.Tensor:
         dt_t = torch.tensor(float(dt), device=ref.device, dtype=ref.real.dtype)
     else:
         raise TypeError(f"dt must be a float or a real tensor, got {type(dt).__name__}")
-    if not bool((dt_t.detach() > 0).all()):
+    # the check reads dt back (a device sync, a graph break under torch.compile): callers whose dt
+    # is positive by construction (exp / softplus of a parameter) pass check=False
+    if check and not torch.compiler.is_compiling() and not bool((dt_t.detach() > 0).all()):
         raise ValueError(f"dt must be > 0 everywhere, got min {float(dt_t.detach().min())}")
     return dt_t
 
 
-def discretize(A: torch.Tensor, B: torch.Tensor, dt, method: str, *, alpha: float | None = None):
-    """Discretize dense `A (..., N, N)`, `B (..., N)` -> `(Ab (..., N, N), Bb (..., N))` (SPEC 2)."""
+def discretize(A: torch.Tensor, B: torch.Tensor, dt, method: str, *, alpha: float | None = None,
+               check: bool = True):
+    """Discretize dense `A (..., N, N)`, `B (..., N)` -> `(Ab (..., N, N), Bb (..., N))`.
+
+    A and B may be real or complex (batched, e.g. one system per channel); the result has their
+    promoted dtype. `check=False` skips the `dt > 0` check. Formulas: docs/discretization.md.
+    """
     a = _alpha(method, alpha)
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"A must have shape (..., N, N), got {tuple(A.shape)}")
     N = A.shape[-1]
     if B.dim() < 1 or B.shape[-1] != N:
         raise ValueError(f"B must have shape (..., N) with N={N} matching A {tuple(A.shape)}, got {tuple(B.shape)}")
-    dt_t = _as_dt(dt, A)
+    dt_t = _as_dt(dt, A, check)
     try:
         batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-1], dt_t.shape)
     except RuntimeError as e:
@@ -89,10 +103,50 @@ def discretize(A: torch.Tensor, B: torch.Tensor, dt, method: str, *, alpha: floa
     return sol[..., :N], sol[..., N]
 
 
-def discretize_diag(A: torch.Tensor, B: torch.Tensor, dt, method: str, *, alpha: float | None = None):
-    """Discretize diagonal `A (..., N)` (real or complex), `B (..., N)` elementwise (SPEC 2).
+def expm1c(z: torch.Tensor) -> torch.Tensor:
+    """`exp(z) - 1` for real or complex z, to relative accuracy also when |z| is tiny.
 
-    ZOH: `Ab = exp(dt A)`, `Bb = (Ab - 1)/A * B` (computed with expm1; `dt * B` where A == 0).
+    torch's own `expm1` handles complex tensors on CPU and CUDA (one kernel, autograd included);
+    elsewhere the same identity is written with real operations:
+    `expm1(x) cos y - 2 sin^2(y/2) + i exp(x) sin y` for z = x + iy, each term accurate for small z
+    where `exp(z) - 1` would cancel (docs/discretization.md, "ZOH for small dt*A").
+    """
+    if not z.is_complex() or z.device.type in ("cpu", "cuda"):
+        return torch.expm1(z)
+    return _expm1_from_real(z)
+
+
+def _expm1_from_real(z: torch.Tensor) -> torch.Tensor:
+    x, y = z.real, z.imag
+    s = torch.sin(y / 2)
+    return torch.complex(torch.expm1(x) * torch.cos(y) - 2 * s * s, torch.exp(x) * torch.sin(y))
+
+
+def log_pole(z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Complex `log((1 + (1-alpha) z) / (1 - alpha z))`: the log of the GBT pole of `dt*A = z`.
+
+    Real part `log1p((2x + (1-2 alpha)|z|^2) / |1 - alpha z|^2) / 2` and imaginary part
+    `atan2((1-alpha) y, 1 + (1-alpha) x) + atan2(alpha y, 1 - alpha x)`, so a pole near 1 keeps
+    its relative accuracy (forming the ratio first and taking its log would not).
+    """
+    z = z if z.is_complex() else torch.complex(z, torch.zeros_like(z))
+    x, y = z.real, z.imag
+    b = 1.0 - alpha
+    den = (1 - alpha * x) ** 2 + (alpha * y) ** 2  # |1 - alpha z|^2
+    re = 0.5 * torch.log1p((2 * x + (1 - 2 * alpha) * (x * x + y * y)) / den)
+    im = torch.atan2(b * y, 1 + b * x) + torch.atan2(alpha * y, 1 - alpha * x)
+    return torch.complex(re, im)
+
+
+def discretize_diag(A: torch.Tensor, B: torch.Tensor, dt, method: str, *, alpha: float | None = None,
+                    log: bool = False, check: bool = True):
+    """Discretize diagonal `A (..., N)` (real or complex), `B (..., N)` elementwise.
+
+    ZOH: `Ab = exp(dt A)`, `Bb = expm1(dt A) / A * B` (limit `dt * B` at `A == 0`, where the
+    gradient with respect to A is taken as 0).
+    GBT: `Ab = (1 + (1-alpha) dt A) / (1 - alpha dt A)`, `Bb = dt B / (1 - alpha dt A)`.
+    `log=True` returns `(log Ab, Bb)` with a complex `log Ab` such that `exp(l log Ab) = Ab^l`
+    (for ZOH exactly `dt A`). `check=False` skips the `dt > 0` check. docs/discretization.md.
     """
     a = _alpha(method, alpha)
     if A.dim() < 1:
@@ -101,7 +155,7 @@ def discretize_diag(A: torch.Tensor, B: torch.Tensor, dt, method: str, *, alpha:
         torch.broadcast_shapes(A.shape, B.shape)
     except RuntimeError as e:
         raise ValueError(f"B {tuple(B.shape)} does not broadcast with A {tuple(A.shape)}") from e
-    dtr = _as_dt(dt, A)
+    dtr = _as_dt(dt, A, check)
     try:
         torch.broadcast_shapes(A.shape[:-1], dtr.shape)
     except RuntimeError as e:
@@ -110,17 +164,24 @@ def discretize_diag(A: torch.Tensor, B: torch.Tensor, dt, method: str, *, alpha:
     dtv = dtr[..., None]  # (..., 1)
     dtA = dtv * A  # (..., N)
     if a is None:
-        Ab = torch.exp(dtA)  # (..., N)
-        safe = torch.where(A == 0, torch.ones_like(A), A)
-        Bb = torch.where(A == 0, dtv * torch.ones_like(A), torch.expm1(dtA) / safe) * B  # (..., N)
-        return Ab, Bb
+        # expm1(dt A) / A rather than dt * expm1(dt A) / (dt A): autograd's d/d(dt) is then
+        # exp(dt A) B, free of the cancellation a quotient by dt A would bring; the double `where` gives the
+        # limit dt * B at A == 0 and keeps the unused branch finite (no NaN gradient there)
+        zero = A == 0
+        Bb = torch.where(zero, dtv.to(dtA.dtype), expm1c(dtA) / torch.where(zero, torch.ones_like(A), A)) * B
+        if log:
+            return (dtA if dtA.is_complex() else torch.complex(dtA, torch.zeros_like(dtA))), Bb
+        return torch.exp(dtA), Bb  # (..., N) each
     denom = 1.0 - a * dtA  # (..., N)
-    return (1.0 + (1.0 - a) * dtA) / denom, dtv * B / denom
+    Bb = dtv * B / denom
+    if log:
+        return log_pole(dtA, a), Bb
+    return (1.0 + (1.0 - a) * dtA) / denom, Bb
 
 
 def legs_step(c: torch.Tensor, u: torch.Tensor, k: int, *, method: str = "bilinear",
               alpha: float | None = None) -> torch.Tensor:
-    """One step `k -> k+1` of the time-varying LegS system `x' = (A x + B u)/t` (SPEC 2).
+    """One step `k -> k+1` of the time-varying LegS system `x' = (A x + B u)/t` (docs/discretization.md).
 
     c (..., N) the state at t_k = k (k >= 1), u (...) the input; the step is the GBT formula with
     `dt/t_k = 1/k`. Forward Euler is O(N) (`c + (A c + B u)/k` via the cumulative-sum matvec);
@@ -154,7 +215,7 @@ def _legs_matrices(N: int, device, dtype):
 
 
 def log_dt_init(H: int, dt_min: float = 1e-3, dt_max: float = 1e-1, *, generator=None, device=None):
-    """`log dt (H,)` float32 with `log dt ~ U[log dt_min, log dt_max]` (SPEC 2)."""
+    """`log dt (H,)` float32 with `log dt ~ U[log dt_min, log dt_max]` (docs/discretization.md)."""
     if isinstance(H, bool) or not isinstance(H, int) or H < 1:
         raise ValueError(f"H must be a positive int, got {H!r}")
     if not 0 < dt_min <= dt_max:
@@ -162,3 +223,29 @@ def log_dt_init(H: int, dt_min: float = 1e-3, dt_max: float = 1e-1, *, generator
     r = torch.rand(H, generator=generator, dtype=torch.float32)  # (H,)
     log_dt = r * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # (H,)
     return log_dt.to(device) if device is not None else log_dt
+
+
+def _check_transform(transform: str) -> None:
+    if transform not in DT_TRANSFORMS:
+        raise ValueError(f"dt_transform must be one of {DT_TRANSFORMS}, got {transform!r}")
+
+
+def dt_param_init(H: int, dt_min: float = 1e-3, dt_max: float = 1e-1, transform: str = "exp", *,
+                  generator=None, device=None) -> torch.Tensor:
+    """The stored dt parameter (H,) float32 for `dt_from_param`, dt log-uniform in [dt_min, dt_max].
+
+    `"exp"` stores `log dt` (exactly `log_dt_init`); `"softplus"` stores `dt + log(-expm1(-dt))`,
+    the inverse of softplus, computed in float64 from the same draw, so both give the same dt.
+    """
+    _check_transform(transform)
+    log_dt = log_dt_init(H, dt_min, dt_max, generator=generator, device=device)  # (H,)
+    if transform == "exp":
+        return log_dt
+    dt = torch.exp(log_dt.double())  # (H,)
+    return (dt + torch.log(-torch.expm1(-dt))).float()
+
+
+def dt_from_param(param: torch.Tensor, transform: str = "exp") -> torch.Tensor:
+    """dt from its stored parameter: `exp(param)` or `softplus(param)` (both > 0)."""
+    _check_transform(transform)
+    return torch.exp(param) if transform == "exp" else torch.nn.functional.softplus(param)

@@ -111,7 +111,7 @@ def diag_state_response(C: torch.Tensor, log_z: torch.Tensor, state: torch.Tenso
     C: (c, H, N2); log_z: (H, N2); state: (B, H, N2) complex. Returns (B, c, H, L) real.
     """
     v = C.unsqueeze(0) * (log_z.exp() * state).unsqueeze(1)            # (B, c, H, N2)
-    return kernels.vandermonde(v, log_z.expand_as(v), L, backend=backend)   # (B, c, H, L)
+    return kernels.vandermonde_mult(v, log_z.expand_as(v), L, backend=backend)   # (B, c, H, L)
 
 
 def diag_next_state(u: torch.Tensor, log_z: torch.Tensor, Bb: torch.Tensor, state: torch.Tensor,

@@ -1,14 +1,18 @@
-"""From SSM parameters to the convolution filter `K_l = C Ab^l Bb` (SPEC sections 2 and 3).
+"""From SSM parameters to the convolution filter `K_l = C Ab^l Bb` (docs/s4.md, "Filters").
 
-- Diagonal SSM (S4D): elementwise ZOH or bilinear discretization, then one Vandermonde product
-  `K = 2 Re sum_n (C_n Bb_n) z_n^l` (`kernels.vandermonde`). N/2 complex modes stand for the N-dim
+The discretization itself lives in `ssm.discretize` (docs/discretization.md); this module only
+adds what is specific to filters.
+- Diagonal SSM (S4D): elementwise ZOH or bilinear discretization (`ssm.discretize.discretize_diag`
+  with the pole as a logarithm, for the Vandermonde product), then one Vandermonde product
+  `K = 2 Re sum_n (C_n Bb_n) z_n^l` (`kernels.vandermonde_mult`). N/2 complex modes stand for the N-dim
   real system (conjugate pairs).
 - DPLR SSM (S4): `A = Lambda - P P^*` in the eigenbasis, bilinear, learned `Ct = C (I - Ab^L)`.
   The truncated generating function at the non-negative DFT frequencies is a Woodbury combination
-  of Cauchy products (`kernels.cauchy`, symmetric form = the full conjugate-symmetric N-dim
+  of Cauchy products (`kernels.cauchy_mult`, symmetric form = the full conjugate-symmetric N-dim
   system), and `K = irfft(Khat, L)`. The Nyquist point z = -1 (where g(z) is infinite) is taken
   from its limit `Khat(-1) = (dt/2) Ct B`.
-- The dense full system (`Ab`, `Bb` as N x N / N complex) for step mode and state passing, and
+- The dense full system (`Ab`, `Bb` as N x N / N complex, bilinear through
+  `ssm.discretize.discretize`) for step mode and state passing, and
   the conversion between `C` and `Ct` for another length or step size. Dense work runs in
   complex128 (it is O(H N^3), independent of L) and is cast back.
 
@@ -21,6 +25,7 @@ import math
 import torch
 
 import kernels
+from ssm.discretize import discretize, discretize_diag
 
 DIAG_METHODS = ("zoh", "bilinear")
 
@@ -29,27 +34,23 @@ def diag_discretize(Lambda: torch.Tensor, B: torch.Tensor, dt: torch.Tensor, met
     """Elementwise discretization of a diagonal SSM -> (log_z, Bb), both (H, N2) complex.
 
     log_z is a logarithm of the discrete pole z = Ab (exact `dt*Lambda` for ZOH), so that
-    `exp(log_z * l) = z^l` for every integer l.
+    `exp(log_z * l) = z^l` for every integer l. dt (H,) must be positive (not checked here).
     """
-    dtA = dt[:, None] * Lambda                                         # (H, N2)
-    if method == "zoh":
-        return dtA, (torch.exp(dtA) - 1) / Lambda * B
-    if method == "bilinear":
-        den = 1 - dtA / 2
-        return torch.log((1 + dtA / 2) / den), dt[:, None] * B / den
-    raise ValueError(f"discretization must be one of {DIAG_METHODS} for mode='diag', got {method!r}")
+    if method not in DIAG_METHODS:
+        raise ValueError(f"discretization must be one of {DIAG_METHODS} for mode='diag', got {method!r}")
+    return discretize_diag(Lambda, B, dt, method, log=True, check=False)
 
 
 def diag_filter(C: torch.Tensor, log_z: torch.Tensor, Bb: torch.Tensor, L: int,
                 *, backend: str = "auto") -> torch.Tensor:
     """S4D filter: C (c, H, N2), log_z and Bb (H, N2) -> K (c, H, L) real."""
     v = C * Bb                                                         # (c, H, N2)
-    return kernels.vandermonde(v, log_z.expand_as(v), L, backend=backend)   # (c, H, L)
+    return kernels.vandermonde_mult(v, log_z.expand_as(v), L, backend=backend)   # (c, H, L)
 
 
 def dplr_filter(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, Ct: torch.Tensor,
                 dt: torch.Tensor, L: int, *, backend: str = "auto") -> torch.Tensor:
-    """S4 filter from the DPLR form (SPEC 3): K (c, H, L) real.
+    """S4 filter from the DPLR form (docs/s4.md, "Filters"): K (c, H, L) real.
 
     Lambda, B: (H, N2); P: (r, H, N2); Ct: (c, H, N2) (the learned `C (I - Ab^L)`); all describe
     one of each conjugate pair of the full system (`Pf = [P, conj P]`, `A = diag(Lf) - Pf^T conj Pf`).
@@ -73,7 +74,7 @@ def dplr_filter(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, Ct: torc
         (Pc.unsqueeze(1) * P.unsqueeze(0)).reshape(r * r, H, N2),      # k11: conj(P_i).P_j
     ]
     v = torch.cat(nums, dim=0) * half_dt                               # (S, H, N2)
-    k = kernels.cauchy(v, t, w, symmetric=True, backend=backend)       # (S, H, M')
+    k = kernels.cauchy_mult(v, t, w, symmetric=True, backend=backend)       # (S, H, M')
     k00, k01, k10, k11 = torch.split(k, [c, c * r, r, r * r], dim=0)
     if r == 1:
         khat = k00 - k01 * k10 / (1 + k11)                             # (c, H, M')
@@ -97,12 +98,7 @@ def dplr_dense(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, dt: torch
     Pf = torch.cat([P, P.conj()], dim=-1).to(torch.complex128)             # (r, H, N)
     Bf = torch.cat([B, B.conj()], dim=-1).to(torch.complex128)             # (H, N)
     A = torch.diag_embed(Lf) - torch.einsum("rhi,rhj->hij", Pf, Pf.conj())  # (H, N, N)
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    half = (dt.to(torch.float64) / 2)[:, None, None]                   # (H, 1, 1)
-    lhs = eye - half * A                                               # (H, N, N)
-    Ab = torch.linalg.solve(lhs, eye + half * A)                       # (H, N, N)
-    Bb = torch.linalg.solve(lhs, (2 * half[..., 0] * Bf).unsqueeze(-1)).squeeze(-1)   # (H, N)
-    return Ab, Bb
+    return discretize(A, Bf, dt.to(torch.float64), "bilinear", check=False)
 
 
 def full_c(Ct: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 `SequenceModel` takes token ids (B, L) (`vocab_size`) or real features (B, L, d_input) (`d_input`)
 and stacks `S4Block`s (`layer="s4d"` diagonal, `"s4"` DPLR) or `TransformerBlock`s
-(`layer="transformer"`, from `ssm.layers.attention`). Right-padded batches pass `lengths` (B,);
+(`layer="transformer"`, from `ssm.layers.attention`); `layer_kwargs` go to every block (for S4
+blocks e.g. `d_state`, `n_ssm`, `dt_transform`, `ssm_lr`, `dt_lr`, `tie_dropout`, `norm`; see
+`ssm.layers.block.S4Block`). Right-padded batches pass `lengths` (B,);
 padding never reaches real positions or pooled features.
 
 Pooling: "mean" over real positions, "last" real position, "cls", or "none" (per position).

@@ -23,8 +23,8 @@ Pixel tasks use the raw values 0..255 as ids (vocab 256); all their sequences ha
 Every split must hold at least one example (else a ValueError naming the file or folder); text
 that is not UTF-8 is a ValueError naming file and line; sequences cut to `max_len` are counted and
 reported once per split (a logged warning: how many, from what length to what). Each dataset
-carries `source` (the file or folder it came from) and `truncated` (count, longest original
-length, `max_len`).
+carries `source` (the file or folder it came from), `truncated` (count, longest original
+length, `max_len`) and `longest` (its longest sequence after truncation; per document for Retrieval).
 """
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ def _checked(task: str, split: str, ds: Dataset, lengths: list[int], max_len: in
         raise ValueError(f"LRA {task} {split} split is empty: no examples in {ds.source}")
     cut = [n for n in lengths if n > max_len]
     ds.truncated = (len(cut), max(cut, default=0), max_len)
+    ds.longest = min(max(lengths), max_len)
     if cut:
         log.warning("LRA %s %s: %d of %d examples truncated from up to %d (shortest cut: %d) to %d tokens "
                     "(data.max_len); source %s", task, split, len(cut), len(ds), max(cut), min(cut), max_len,

@@ -274,7 +274,8 @@ def check_memory(tr: Trainer, *, force: bool) -> None:
     """
     from experiments.lra import memory
 
-    n = C.sequence_length(tr.cfg)
+    # The longest sequence a batch can hold: the data's, within the configured length.
+    n = min([C.sequence_length(tr.cfg)] + [getattr(ds, "longest", math.inf) for ds in tr.splits.values()])
     shape, rt = ((2, n) if tr.task.two_tower else (n,)), tr.rt
     kwargs = dict(device=rt.device, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
                   if rt.device.type == "cpu" else 1)

@@ -1,4 +1,5 @@
-"""Small shared pieces for the layers: activations, length masks, a padding-aware norm.
+"""Small shared pieces for the layers: activations, length masks, a padding-aware norm, dropout
+tied across the sequence, and a wrapper that lets a sequence layer sit in `nn.Sequential`.
 
 Right-padded batches carry `lengths` (B,); `length_mask` turns them into a (B, L) bool mask and
 `MaskedNorm` keeps padded positions out of batch-norm statistics, so padding never changes the
@@ -82,3 +83,48 @@ class MaskedNorm(nn.Module):
             return self.norm(x_t)
         bn = self.norm
         return (x_t - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+
+
+class SequenceDropout(nn.Dropout):
+    """`nn.Dropout` for (B, L, H) sequences; `tie=True` shares one mask along the sequence.
+
+    Tied: one keep/drop draw per (example, feature), the same at every position (like
+    `nn.Dropout1d` on the (B, H, L) layout), kept values scaled by 1/(1-p). Untied it is exactly
+    `nn.Dropout` (elementwise). Inputs that are not (B, L, H), e.g. one step (B, H), are dropped
+    elementwise: a single call cannot know the mask of earlier steps.
+    """
+
+    def __init__(self, p: float = 0.5, *, tie: bool = False):
+        super().__init__(p)
+        if not isinstance(tie, bool):
+            raise TypeError(f"tie_dropout must be a bool, got {tie!r}")
+        self.tie = tie
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.tie and self.training and self.p > 0 and x.dim() == 3):
+            return super().forward(x)
+        if self.p >= 1:
+            return x * 0.0
+        keep = torch.empty(x.shape[0], 1, x.shape[2], dtype=x.dtype, device=x.device)
+        return x * keep.bernoulli_(1 - self.p).div_(1 - self.p)    # (B, L, H), mask (B, 1, H)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", tie=True" if self.tie else "")
+
+
+class SequenceOnly(nn.Module):
+    """Wrap a sequence layer that returns `(y, state)` so that it returns `y` only.
+
+    For `nn.Sequential`: `nn.Sequential(ssm.SequenceOnly(ssm.S4(64)), nn.GELU(), ...)`. Extra
+    arguments (`state`, `lengths`, `rate`) are passed through; the next state is dropped, so use
+    the wrapped layer (`.layer`) directly for streaming.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"layer must be an nn.Module returning (y, state), got {type(layer).__name__}")
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.layer(x, *args, **kwargs)[0]

@@ -1,20 +1,25 @@
 """The S4 / S4D layer: a drop-in sequence layer with convolution, recurrent and streaming modes.
 
-The math is in docs/s4.md. `mode="diag"` is S4D: N/2 complex modes per channel from a diagonal
-init (`ssm.hippo.diag_init`), ZOH or bilinear, filter by a Vandermonde product. `mode="dplr"` is
-S4: the NPLR form `A = Lambda - P P^*` of a HiPPO measure (LegS, LegT, LagT, FouT or the mixed
-"hippo" init, `ssm.layers.s4_init`; docs/s4.md "NPLR forms per measure"), bilinear, filter by
-Cauchy products (rank r Woodbury), with the learned `Ct = C (I - Ab^l_max)` of S4. Both run as a
-recurrence (`step`, O(N) per token for both modes: `ssm.layers.s4_step`, docs/s4.md "Streaming:
-diagonalized step") and in chunks with state passing (`forward(x, state)`), and both evaluate their
-filter at any length and step size.
+The math is in docs/s4.md and docs/discretization.md. `mode="diag"` is S4D: N/2 complex modes
+per channel from a diagonal init (`ssm.hippo.diag_init`), ZOH or bilinear, filter by a Vandermonde
+product. `mode="dplr"` is S4: the NPLR form `A = Lambda - P P^*` of a HiPPO measure (LegS, LegT,
+LagT, FouT or the mixed "hippo" init, `ssm.layers.s4_init`; docs/s4.md "NPLR forms per measure"),
+bilinear, filter by Cauchy products (rank r Woodbury), with the learned `Ct = C (I - Ab^l_max)` of
+S4. Both run as a recurrence (`step`, O(N) per token for both modes: `ssm.layers.s4_step`,
+docs/s4.md "Streaming: diagonalized step") and in chunks with state passing (`forward(x, state)`),
+and both evaluate their filter at any length and step size.
 
 Parametrization: `Re(Lambda) = -exp(log_neg_real)` (stays negative), `Im(Lambda)` free, complex
 B, C, P stored as real (..., 2) float32 tensors (optimizers and `torch.compile` see real params).
-SSM parameters (A = log_neg_real/imag, B, P, log_dt) carry `_optim = {"lr": ssm_lr,
-"weight_decay": 0.0}` for `ssm.layers.params.param_groups`. The SSM part (filter, FFT conv, D skip,
-state) always runs in float32/complex64 with autocast off; only the output projection follows
-autocast. Output: activation -> dropout -> Linear(channels*H, 2H) -> GLU.
+`n_ssm` copies of (Lambda, B, P) are shared by the channels (channel h uses copy `h % n_ssm`,
+as in the public S4 code; None: one per channel); dt is always per channel. The parameter
+`log_dt` (H,) holds `log dt` (`dt_transform="exp"`) or the inverse softplus of dt
+(`dt_transform="softplus"`); `ssm.discretize.dt_from_param` maps it to dt.
+A, B, P carry `_optim = {"lr": ssm_lr, "weight_decay": 0.0}` and log_dt `{"lr": dt_lr, ...}` for
+`ssm.layers.params.param_groups` (lr None: no "lr" key, the optimizer's global rate). The SSM
+part (filter, FFT conv, D skip, state) always runs in float32/complex64 with autocast off; only
+the output projection follows autocast. Output: activation -> dropout -> Linear(channels*H, 2H)
+-> GLU.
 
 Lengths other than `l_max` (S4 only): `Ct` belongs to `l_max` and the training step size. For
 another length L or rate, C is recovered by `C = Ct (I - Ab^l_max)^-1` and `Ct_L = C (I - Ab'^L)`
@@ -34,11 +39,11 @@ import torch
 from torch import nn
 
 from ssm import filters, hippo
-from ssm.discretize import log_dt_init
+from ssm.discretize import DT_TRANSFORMS, dt_from_param, dt_param_init
 from ssm.fftconv import (dense_next_state, dense_state_response, diag_next_state,
                          diag_state_response, fftconv, no_autocast)
 from ssm.layers.nn import activation as make_activation
-from ssm.layers.nn import check_lengths, length_mask
+from ssm.layers.nn import SequenceDropout, check_lengths, length_mask
 from ssm.layers.s4_init import DPLR_INITS, dplr_init, min_rank
 from ssm.layers.s4_step import dplr_step, dplr_step_system
 
@@ -64,14 +69,43 @@ def _check_init(mode: str, init) -> None:
     raise ValueError(f"init must be one of {inits} for mode={mode!r}, got {init!r}")
 
 
+def _check_lr(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{name} must be None (the optimizer's global rate) or a finite float >= 0, "
+                         f"got {value!r}")
+
+
+def _check_n_ssm(n_ssm, d_model: int) -> int:
+    """Number of (Lambda, B, P) copies: n_ssm, or d_model for None; must divide d_model."""
+    if n_ssm is None:
+        return d_model
+    _check_int("n_ssm", n_ssm)
+    if d_model % n_ssm:
+        raise ValueError(f"n_ssm must divide d_model, got n_ssm={n_ssm}, d_model={d_model}")
+    return n_ssm
+
+
 class S4(nn.Module):
-    """S4 (mode="dplr") or S4D (mode="diag") layer on (B, L, d_model) sequences."""
+    """S4 (mode="dplr") or S4D (mode="diag") layer on (B, L, d_model) sequences.
+
+    Options of the public S4 LRA setups (docs/s4.md, "Layer options"):
+    n_ssm: None (one SSM per channel) or the number of (Lambda, B, P) copies shared by the
+        channels, dividing d_model; dt stays per channel. `self.n_ssm` holds the count used.
+    dt_transform: "exp" (dt = exp(log_dt)) or "softplus" (dt = softplus(log_dt)); both start
+        from the same log-uniform dt in [dt_min, dt_max].
+    ssm_lr / dt_lr: learning rates of A, B, P / of dt for `ssm.param_groups`, no weight decay on
+        either; None is the optimizer's global rate; dt_lr="ssm_lr" (default) follows ssm_lr.
+    tie_dropout: one dropout mask per (example, feature) for the whole sequence.
+    """
 
     def __init__(self, d_model: int, d_state: int = 64, *, mode: str = "diag", init: str = "legs",
                  rank: int | None = None, bidirectional: bool = False, channels: int = 1,
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, discretization: str | None = None, activation: str = "gelu",
-                 dropout: float = 0.0, ssm_lr: float = 1e-3, l_max: int | None = None,
-                 backend: str = "auto", device=None, dtype=None):
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, discretization: str | None = None,
+                 activation: str = "gelu", dropout: float = 0.0, ssm_lr: float | None = 1e-3,
+                 l_max: int | None = None, backend: str = "auto", n_ssm: int | None = None,
+                 dt_transform: str = "exp", dt_lr: float | None | str = "ssm_lr",
+                 tie_dropout: bool = False, device=None, dtype=None):
         super().__init__()
         _check_int("d_model", d_model)
         _check_int("channels", channels)
@@ -93,6 +127,13 @@ class S4(nn.Module):
             rank = min_rank(init) if rank is None else rank
             _check_int("rank", rank)
             self.register_buffer("fixed_l_max", torch.tensor(-1, dtype=torch.int64, device=device))
+        n = _check_n_ssm(n_ssm, d_model)
+        if dt_transform not in DT_TRANSFORMS:
+            raise ValueError(f"dt_transform must be one of {DT_TRANSFORMS}, got {dt_transform!r}")
+        dt_lr = ssm_lr if isinstance(dt_lr, str) and dt_lr == "ssm_lr" else dt_lr
+        _check_lr("ssm_lr", ssm_lr)
+        _check_lr("dt_lr", dt_lr)
+        self.n_ssm, self.dt_transform = n, dt_transform
         self.d_model, self.d_state, self.mode, self.rank = d_model, d_state, mode, rank
         self.init = init
         self.channels, self.bidirectional = channels, bidirectional
@@ -104,26 +145,26 @@ class S4(nn.Module):
             Lam = hippo.diag_init(init, d_state)                       # (N2,)
             B = hippo.nplr("legs", d_state)[2] if init == "legs" else torch.ones(N2, dtype=torch.complex128)
         else:
-            Lam, P, B = dplr_init(init, d_state, H, rank)              # (H, N2), (r, H, N2), (H, N2)
+            Lam, P, B = dplr_init(init, d_state, n, rank)              # (n, N2), (r, n, N2), (n, N2)
             self.P = self._ssm_param(torch.view_as_real(P), f32, ssm_lr)
-        self.log_neg_real = self._ssm_param(torch.log(-Lam.real).expand(H, N2), f32, ssm_lr)
-        self.imag = self._ssm_param(Lam.imag.expand(H, N2), f32, ssm_lr)
-        self.B = self._ssm_param(torch.view_as_real(B.expand(H, N2)), f32, ssm_lr)
-        self.log_dt = self._ssm_param(log_dt_init(H, dt_min, dt_max), f32, ssm_lr)
+        self.log_neg_real = self._ssm_param(torch.log(-Lam.real).expand(n, N2), f32, ssm_lr)
+        self.imag = self._ssm_param(Lam.imag.expand(n, N2), f32, ssm_lr)
+        self.B = self._ssm_param(torch.view_as_real(B.expand(n, N2)), f32, ssm_lr)
+        self.log_dt = self._ssm_param(dt_param_init(H, dt_min, dt_max, dt_transform), f32, dt_lr)
         c_total = channels * (2 if bidirectional else 1)
         # C (S4: the learned Ct) ~ complex normal with unit variance
         self.C = nn.Parameter(torch.randn(c_total, H, N2, 2, **f32) * math.sqrt(0.5))
         self.D = nn.Parameter(torch.randn(channels, H, **f32))
         self.act = make_activation(activation)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = SequenceDropout(dropout, tie=tie_dropout)
         self.out = nn.Linear(channels * H, 2 * H, device=device, dtype=dtype)
         self._step_cache = None
         self._step_dense = False
 
     @staticmethod
-    def _ssm_param(t: torch.Tensor, f32: dict, lr: float) -> nn.Parameter:
+    def _ssm_param(t: torch.Tensor, f32: dict, lr: float | None) -> nn.Parameter:
         p = nn.Parameter(t.to(**f32).contiguous().clone())
-        p._optim = {"lr": lr, "weight_decay": 0.0}
+        p._optim = {"weight_decay": 0.0} if lr is None else {"lr": lr, "weight_decay": 0.0}
         return p
 
     def _apply(self, fn, recurse=True):
@@ -137,12 +178,20 @@ class S4(nn.Module):
 
     # ---- parameters as complex tensors ---------------------------------------------------------
     def _params(self):
-        """(Lambda (H, N2), B (H, N2), C (c', H, N2), P (r, H, N2) or None, dt (H,)), float32/complex64."""
-        Lam = torch.complex(-torch.exp(self.log_neg_real.float()), self.imag.float())
-        B = torch.view_as_complex(self.B.float())
+        """(Lambda (H, N2), B (H, N2), C (c', H, N2), P (r, H, N2) or None, dt (H,)), float32/complex64.
+
+        Shared copies (n_ssm < d_model) are tiled to one row per channel here.
+        """
+        Lam = self._per_channel(torch.complex(-torch.exp(self.log_neg_real.float()), self.imag.float()))
+        B = self._per_channel(torch.view_as_complex(self.B.float()))
         C = torch.view_as_complex(self.C.float())
-        P = torch.view_as_complex(self.P.float()) if self.mode == "dplr" else None
-        return Lam, B, C, P, torch.exp(self.log_dt.float())
+        P = self._per_channel(torch.view_as_complex(self.P.float())) if self.mode == "dplr" else None
+        return Lam, B, C, P, dt_from_param(self.log_dt.float(), self.dt_transform)
+
+    def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., n_ssm, N2) -> (..., H, N2): channel h takes copy h % n_ssm."""
+        reps = self.d_model // t.shape[-2]
+        return t if reps == 1 else t.repeat(*([1] * (t.dim() - 2)), reps, 1)
 
     @property
     def l_max(self) -> int | None:
@@ -372,4 +421,6 @@ class S4(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, mode={self.mode!r}, "
                 f"channels={self.channels}, bidirectional={self.bidirectional}, "
-                f"discretization={self.discretization!r}")
+                f"discretization={self.discretization!r}"
+                + (f", n_ssm={self.n_ssm}" if self.n_ssm != self.d_model else "")
+                + (f", dt_transform={self.dt_transform!r}" if self.dt_transform != "exp" else ""))

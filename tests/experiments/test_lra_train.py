@@ -293,10 +293,13 @@ def test_memory_refusal_names_estimate_available_and_batch(fixture_root, tmp_pat
     argv = _listops_argv(fixture_root["listops"], tmp_path / "run", "--data.batch_size=8", "--model.d_model=32",
                          "--max-steps", "1")
     args, cfg = train.parse_args(argv)
-    tr = train.build(cfg, train.setup_device(cfg), train.load_splits(cfg, args.data_dir, train.Runtime(
-        0, 1, torch.device("cpu"), False)), args.out)
-    est = memory.tensor_estimate(tr.model, seq_shape=(C.sequence_length(cfg),), device=torch.device("cpu"),
-                                 amp=False)
+    rt = train.Runtime(0, 1, torch.device("cpu"), False)
+    splits = train.load_splits(cfg, args.data_dir, rt)
+    tr = train.build(cfg, rt, splits, args.out)
+    # The estimate is made at the longest sequence the data holds (within the configured length).
+    longest = max(len(ids) for ds in splits.values() for ids, _ in ds)
+    assert longest < C.sequence_length(cfg)
+    est = memory.tensor_estimate(tr.model, seq_shape=(longest,), device=rt.device, amp=False)
     assert est.per_example > 0
     # Room for batch 3 (parameters are already allocated, so they do not count against it).
     available = int((est.peak(3) - est.params) / memory.HEADROOM) + 1

@@ -9,8 +9,9 @@ import pytest
 import torch
 from scipy.signal import cont2discrete
 
-from ssm.discretize import (METHODS, discretize, discretize_diag, legs_step,
-                            log_dt_init)
+from ssm.discretize import (DT_TRANSFORMS, METHODS, discretize, discretize_diag, dt_from_param,
+                            dt_param_init, expm1c, legs_step, log_dt_init, log_pole)
+from ssm.discretize import _expm1_from_real
 from ssm.hippo import transition
 from tests.utils import assert_close
 
@@ -233,3 +234,176 @@ def test_gradients(method):
     A.requires_grad_(True)
     B.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b, d: discretize(a, b, d, method), (A, B, dt))
+
+
+# ---- accuracy for small dt*A ---------------------------------------------------------------------
+C64, C128 = torch.complex64, torch.complex128
+
+
+def _series_expm1(z: torch.Tensor, terms: int = 30) -> torch.Tensor:
+    """exp(z) - 1 by its Taylor series in complex128 (|z| <= 1 here: 30 terms reach 1e-32)."""
+    z = z.to(C128)
+    term, out = torch.ones_like(z), torch.zeros_like(z)
+    for k in range(1, terms + 1):
+        term = term * z / k
+        out = out + term
+    return out
+
+
+def _series_log1p(w: torch.Tensor, terms: int = 60) -> torch.Tensor:
+    """log(1 + w) by its series in complex128 (|w| <= 0.3 here: 60 terms reach 1e-33)."""
+    w = w.to(C128)
+    power, out = torch.ones_like(w), torch.zeros_like(w)
+    for k in range(1, terms + 1):
+        power = power * w
+        out = out + (-1) ** (k + 1) * power / k
+    return out
+
+
+def _small_z(n=4000, seed=11):
+    """Complex z with |z| from 1e-8 to 0.5 and Re z <= 0 (dt * Lambda of a stable mode)."""
+    g = torch.Generator().manual_seed(seed)
+    mag = 10 ** (torch.rand(n, generator=g, dtype=F64) * 7.7 - 8)
+    ang = (torch.rand(n, generator=g, dtype=F64) + 0.5) * math.pi     # left half plane
+    return torch.polar(mag, ang)
+
+
+def _max_rel(got, truth):
+    return float(((got.to(C128) - truth) / truth.abs()).abs().max())
+
+
+def test_expm1c_relative_accuracy():
+    """torch's complex expm1 (CPU, CUDA) and the real-operation fallback, against the series."""
+    z = _small_z()
+    for dtype, eps in ((C128, 2.2e-16), (C64, 1.2e-7)):
+        zd = z.to(dtype)
+        truth = _series_expm1(zd)                                    # truth at the rounded input
+        # a few ulps: the formula's terms each round once or twice
+        assert _max_rel(expm1c(zd), truth) < 8 * eps, dtype
+        assert _max_rel(_expm1_from_real(zd), truth) < 8 * eps, dtype
+    assert _max_rel(torch.exp(z.to(C64)) - 1, _series_expm1(z)) > 1e-2   # what expm1 is for
+    big = torch.tensor([3 - 40j, -20 + 1j, 0.7 + 0.7j], dtype=C128)
+    assert_close(expm1c(big), torch.exp(big) - 1)
+    assert_close(_expm1_from_real(big), torch.exp(big) - 1)
+    zg = z[:5].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(expm1c, (zg,))
+    assert torch.autograd.gradcheck(_expm1_from_real, (zg,))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 0.3])
+def test_log_pole_relative_accuracy(alpha):
+    z = _small_z(seed=12) * 0.5                                       # |z| <= 0.25
+    truth = _series_log1p((1 - alpha) * z.to(C128)) - _series_log1p(-alpha * z.to(C128))
+    assert _max_rel(log_pole(z, alpha), truth) < 1e-15
+    z64 = z.to(C64)
+    truth = _series_log1p((1 - alpha) * z64.to(C128)) - _series_log1p(-alpha * z64.to(C128))
+    assert _max_rel(log_pole(z64, alpha), truth) < 1e-6                # a few float32 ulps
+    ratio = (1 + (1 - alpha) * z64) / (1 - alpha * z64)
+    assert _max_rel(torch.log(ratio), truth) > 1e-2                    # forming the ratio first
+    big = torch.tensor([-0.5 + 30j, -3 + 0.1j, -0.2 - 2j], dtype=C128)
+    assert_close(torch.exp(log_pole(big, alpha)), (1 + (1 - alpha) * big) / (1 - alpha * big))
+
+
+@pytest.mark.parametrize("method", ["zoh", "bilinear", "forward_euler", "backward_euler"])
+def test_diag_small_dt_complex64_close_to_truth(method):
+    """Bb and log(Ab) in complex64 at tiny dt*Lambda stay at float32 relative accuracy."""
+    g = torch.Generator().manual_seed(13)
+    lam = torch.complex(-torch.rand(3, 8, generator=g, dtype=F64) - 0.1, 20 * torch.randn(3, 8, generator=g, dtype=F64))
+    B = torch.randn(3, 8, generator=g, dtype=C128)
+    dt = torch.tensor([1e-7, 1e-5, 1e-3], dtype=F64)
+    lam32, B32, dt32 = lam.to(C64), B.to(C64), dt.float()
+    log_ab, Bb = discretize_diag(lam32, B32, dt32, method, log=True)
+    # truth from the rounded complex64 inputs, in complex128 by series / the dense exponential
+    lam64, B64, dt64 = lam32.to(C128), B32.to(C128), dt32.double()
+    z = dt64[:, None] * lam64
+    a = {"zoh": None, "bilinear": 0.5, "forward_euler": 0.0, "backward_euler": 1.0}[method]
+    if a is None:
+        want_log, want_B = z, _series_expm1(z) / lam64 * B64
+    else:
+        want_log = _series_log1p((1 - a) * z) - _series_log1p(-a * z)
+        want_B = dt64[:, None] * B64 / (1 - a * z)
+    assert log_ab.dtype == C64 and Bb.dtype == C64
+    assert _max_rel(Bb, want_B) < 1e-6
+    assert _max_rel(log_ab, want_log) < 1e-6
+
+
+def test_diag_zoh_limit_and_gradients_near_zero():
+    """At A = 0: Bb = dt * B with finite gradients; near 0 the gradients match float64 truth."""
+    lam = torch.tensor([0.0, -1e-9, -1.0], dtype=F64, requires_grad=True)
+    dt = torch.tensor(0.25, dtype=F64, requires_grad=True)
+    B = torch.tensor([2.0, 1.0, 1.0], dtype=F64)
+    Ab, Bb = discretize_diag(lam, B, dt, "zoh")
+    assert_close(Bb.detach()[:2], torch.tensor([0.5, 0.25 * (1 - 0.25e-9 / 2)], dtype=F64))
+    Bb.sum().backward()
+    # d Bb / d dt = exp(dt A) B exactly; d Bb / dA = (dt exp(dt A) A - expm1(dt A)) / A^2 B
+    assert_close(dt.grad, (torch.exp(0.25 * lam.detach()) * B).sum())
+    assert torch.isfinite(lam.grad).all() and float(lam.grad[0]) == 0.0   # the limit branch
+    assert_close(lam.grad[1:], torch.tensor([0.25 ** 2 / 2, 1 - 1.25 * math.exp(-0.25)], dtype=F64),
+                 rtol=1e-6, atol=1e-12)                               # eps / |dt A| = 4e-7 at A = -1e-9
+    lam0 = torch.tensor([-1e-3, -0.5, 2.0], dtype=C128, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, d: discretize_diag(a, B, d, "zoh")[1], (lam0, dt.detach().requires_grad_(True)))
+    cz = torch.zeros(2, dtype=C128)
+    _, Bc = discretize_diag(cz, torch.ones(2, dtype=C128), 0.5, "zoh")
+    assert_close(Bc, torch.full((2,), 0.5, dtype=C128))
+
+
+@pytest.mark.parametrize("method", ["zoh", "bilinear", "gbt"])
+def test_diag_log_output_is_a_logarithm_of_ab(method):
+    alpha = 0.2 if method == "gbt" else None
+    g = torch.Generator().manual_seed(14)
+    lam = torch.complex(-torch.rand(2, 5, generator=g, dtype=F64), 30 * torch.randn(2, 5, generator=g, dtype=F64))
+    B = torch.randn(2, 5, generator=g, dtype=C128)
+    dt = torch.tensor([0.01, 0.4], dtype=F64)
+    Ab, Bb = discretize_diag(lam, B, dt, method, alpha=alpha)
+    log_ab, Bb2 = discretize_diag(lam, B, dt, method, alpha=alpha, log=True)
+    assert_close(Bb2, Bb)
+    for l in (1, 2, 7):                                               # any branch: integer powers agree
+        assert_close(torch.exp(l * log_ab), Ab ** l)
+    real_log, _ = discretize_diag(-torch.rand(4, dtype=F64), torch.ones(4, dtype=F64), 0.1, method,
+                                  alpha=alpha, log=True)
+    assert real_log.is_complex()
+    for f in (lambda a: discretize_diag(a, B, dt, method, alpha=alpha, log=True)[0],):
+        assert torch.autograd.gradcheck(f, (lam.clone().requires_grad_(True),))
+
+
+def test_dense_complex_batched_per_channel():
+    """Complex (H, N, N) systems with dt (H,): each channel equals its own discretization."""
+    g = torch.Generator().manual_seed(15)
+    A = torch.randn(3, 4, 4, generator=g, dtype=C128) - 2 * torch.eye(4, dtype=C128)
+    B = torch.randn(3, 4, generator=g, dtype=C128)
+    dt = torch.tensor([0.05, 0.2, 0.7], dtype=torch.float32)
+    for method in ("zoh", "bilinear"):
+        Ab, Bb = discretize(A, B, dt, method, check=False)
+        assert Ab.dtype == C128 and Ab.shape == (3, 4, 4)
+        for h in range(3):
+            M = torch.zeros(5, 5, dtype=C128)
+            M[:4, :4], M[:4, 4] = A[h] * float(dt[h]), B[h] * float(dt[h])
+            if method == "zoh":
+                E = torch.linalg.matrix_exp(M)
+                want = E[:4, :4], E[:4, 4]
+            else:
+                lhs = torch.eye(4, dtype=C128) - M[:4, :4] / 2
+                want = (torch.linalg.solve(lhs, torch.eye(4, dtype=C128) + M[:4, :4] / 2),
+                        torch.linalg.solve(lhs, M[:4, 4]))
+            assert_close(Ab[h], want[0])
+            assert_close(Bb[h], want[1])
+    # check=False only skips the dt > 0 test
+    with pytest.raises(ValueError, match="dt must be > 0"):
+        discretize(A, B, -dt, "zoh")
+
+
+def test_dt_param_transforms():
+    assert DT_TRANSFORMS == ("exp", "softplus")
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    assert torch.equal(dt_param_init(100, 1e-3, 1e-1, "exp", generator=g1),
+                       log_dt_init(100, 1e-3, 1e-1, generator=g2))
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    raw = dt_param_init(100, 1e-4, 1e-1, "softplus", generator=g1)
+    want = torch.exp(log_dt_init(100, 1e-4, 1e-1, generator=g2).double())
+    assert_close(torch.log1p(torch.exp(raw.double())), want, rtol=1e-6, atol=0)   # float32 storage
+    assert_close(dt_from_param(raw, "softplus"), want.float(), rtol=1e-6, atol=0)
+    x = torch.randn(5, dtype=F64, requires_grad=True)
+    for t in DT_TRANSFORMS:
+        assert torch.autograd.gradcheck(lambda p: dt_from_param(p, t), (x,))
+    with pytest.raises(ValueError, match="dt_transform"):
+        dt_param_init(3, transform="identity")

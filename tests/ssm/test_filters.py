@@ -1,4 +1,5 @@
-"""SSM -> convolution filter (SPEC 3): both forms against `C Ab^l Bb` by direct powers in float64."""
+"""SSM -> convolution filter (docs/s4.md, "Filters"): both forms against `C Ab^l Bb` by direct powers
+in float64, and the diagonal discretization the filters use against its plain formula."""
 import pytest
 import torch
 
@@ -93,3 +94,30 @@ def test_filters_auto_backend_matches_reference():
         log_z, Bb = filters.diag_discretize(Lam, B, dt, "zoh")
         want = filters.diag_filter(Ct, log_z, Bb, L, backend="torch")
         assert_close(filters.diag_filter(Ct, log_z, Bb, L), want, rtol=1e-4, atol=1e-5, name="diag auto")
+
+
+@pytest.mark.parametrize("method", ["zoh", "bilinear"])
+def test_diag_discretize_equals_plain_formula(method):
+    """The pole's log and Bb the layer uses, against the textbook formulas in complex128."""
+    Lam, _, B, _, dt = _random_dplr()
+    log_z, Bb = filters.diag_discretize(Lam, B, dt, method)
+    dtA = dt[:, None] * Lam
+    if method == "zoh":
+        z, want_B = torch.exp(dtA), (torch.exp(dtA) - 1) / Lam * B
+    else:
+        z, want_B = (1 + dtA / 2) / (1 - dtA / 2), dt[:, None] * B / (1 - dtA / 2)
+    assert_close(Bb, want_B, name="Bb")
+    assert_close(torch.exp(log_z), z, name="pole")
+
+
+def test_diag_discretize_small_dt_in_complex64():
+    """dt = 1e-6 in complex64: Bb keeps float32 relative accuracy (exp(dt A) - 1 would lose ~all)."""
+    Lam, _, B, _, _ = _random_dplr()
+    dt = torch.full((Lam.shape[0],), 1e-6, dtype=torch.float64)
+    Lam32, B32, dt32 = Lam.to(torch.complex64), B.to(torch.complex64), dt.float()
+    z = dt32.double()[:, None] * Lam32.to(torch.complex128)
+    want = dt32.double()[:, None] * (1 + z / 2 + z * z / 6) * B32.to(torch.complex128)  # |z| < 1e-5
+    want_bilinear = dt32.double()[:, None] * B32.to(torch.complex128) / (1 - z / 2)
+    for method, want_B in (("zoh", want), ("bilinear", want_bilinear)):
+        _, Bb = filters.diag_discretize(Lam32, B32, dt32, method)
+        assert_close(Bb, want_B.to(torch.complex64), name=method)

@@ -103,3 +103,25 @@ def test_bad_arguments():
         _model()(torch.randn(2, 5))
     with pytest.raises(ValueError, match="step"):
         _model(pooling="mean").step(torch.tensor([1, 2]), None)
+
+
+@pytest.mark.parametrize("layer", ["s4d", "s4"])
+def test_layer_options_through_layer_kwargs(layer):
+    """The public-LRA layer options reach every block; one AdamW step with their groups runs."""
+    from ssm.layers.params import param_groups
+    kw = dict(d_state=8, backend="torch", n_ssm=1, dt_transform="softplus", ssm_lr=1e-3, dt_lr=None,
+              tie_dropout=True, bidirectional=True, norm="batch")
+    m = _model(layer=layer, dropout=0.1, layer_kwargs=kw).train()
+    for blk in m.blocks:
+        assert blk.layer.n_ssm == 1 and blk.layer.dt_transform == "softplus" and blk.drop.tie
+        assert blk.layer.log_neg_real.shape == (1, 4)
+    groups = param_groups(m, 1e-2, 0.05)
+    dt_ids = {id(b.layer.log_dt) for b in m.blocks}
+    dt_groups = [g for g in groups if any(id(p) in dt_ids for p in g["params"])]
+    assert len(dt_groups) == 1 and dt_groups[0]["lr"] == 1e-2 and dt_groups[0]["weight_decay"] == 0.0
+    opt = torch.optim.AdamW(groups)
+    x = torch.randint(0, 11, (3, 20))
+    out, _ = m(x, torch.tensor([20, 12, 7]))
+    out.square().mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
