@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", choices=("step", "conv"), default="step",
                    help="step: one position per call with states in and out; conv: whole sequences (default step)")
     p.add_argument("--max-len", type=int, help="conv form: the longest input the file accepts")
-    p.add_argument("--l-max", type=int, help="S4 (mode='dplr') layers whose l_max is not set: the training length "
-                   "(S4 relates its learned C to it; a state_dict does not store it)")
+    p.add_argument("--l-max", type=int, help="S4 (mode='dplr') layers: the training length l_max, for "
+                   "checkpoints that do not record it (S4 relates its learned C to it)")
     p.add_argument("--batch", type=int, default=1, help="streams decoded together (default 1)")
     p.add_argument("--steps", type=int, default=1000, help="streaming steps to time (0: only write the file)")
     p.add_argument("--threads", type=int, default=1, help="threads for torch and onnxruntime (default 1)")
@@ -62,7 +62,11 @@ def _read_kwargs(text: str | None, path: str) -> dict:
     return kwargs
 
 
-def _lra_backbone(ckpt: dict, path: str):
+def _s4_layers(model) -> list:
+    return [b.layer for b in model.blocks if getattr(getattr(b, "layer", None), "mode", None) == "dplr"]
+
+
+def _lra_backbone(ckpt: dict, path: str, l_max: int | None):
     """The SequenceModel inside an LRA checkpoint, weights loaded, plus a note on its inputs."""
     import dataclasses
 
@@ -80,6 +84,8 @@ def _lra_backbone(ckpt: dict, path: str):
     if not isinstance(model, LRAClassifier):
         raise ValueError(f"{path}: task {cfg.task!r} is a two-tower model (two documents, one label); "
                          "only single-sequence tasks stream")
+    for layer in _s4_layers(model.backbone) if l_max is not None else []:
+        layer.l_max = l_max
     model.load_state_dict(ckpt["model"])
     note = "inputs: pixel value / 255 as one real feature" if model.real_pixels else "inputs: token ids"
     return model.backbone, f"LRA {cfg.task} {cfg.model_name} ({note})"
@@ -93,18 +99,19 @@ def load_model(path: str, model_kwargs: str | None = None, l_max: int | None = N
         raise ValueError(f"checkpoint {path!r} is not a file")
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, dict) and "config" in obj and "model" in obj:
-        model, desc = _lra_backbone(obj, path)
+        model, desc = _lra_backbone(obj, path, l_max)
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         model = SequenceModel(**_read_kwargs(model_kwargs, path))
+        for layer in _s4_layers(model) if l_max is not None else []:
+            layer.l_max = l_max
         model.load_state_dict(obj)
         desc = "state_dict"
     else:
         raise ValueError(f"{path}: neither an LRA checkpoint (keys 'config' and 'model') nor a state_dict")
-    for block in model.blocks:
-        layer = getattr(block, "layer", None)
-        if getattr(layer, "mode", None) == "dplr" and layer.l_max is None:
-            if l_max is None:
-                raise ValueError(f"{path}: S4 layers need their training length: pass --l-max")
+    for layer in _s4_layers(model):
+        if layer.l_max is None and l_max is None:
+            raise ValueError(f"{path}: S4 layers need their training length: pass --l-max")
+        if layer.l_max is None:   # recorded as "not fixed yet" (-1): the given length applies
             layer.l_max = l_max
     return model.eval(), desc
 

@@ -8,12 +8,13 @@ not seen):
   (B, H, n) travels as `torch.view_as_real(state)`, (B, H, n, 2), because ONNX has no complex
   tensors. Each S4 layer's recurrence is read off the layer's own `step` once (it is affine in
   the state and the input, so feeding it the basis states and a unit input gives its matrices)
-  and replayed in real arithmetic: `y_t = W s_{t-1} + E u_t`, `s_t = M s_{t-1} + b u_t`, with `M`
-  stored per mode (2 x 2 blocks) when the layer's transition is diagonal and as a dense matrix
-  otherwise. The layer's output stage (activation, projection, GLU) is the layer's own code.
+  and replayed in real arithmetic: `y_t = W s_{t-1} + d u_t`, `s_t = M s_{t-1} + b u_t`, with `M`
+  stored per mode (2 x 2 blocks) when the layer's transition is diagonal (S4D), as diagonal plus
+  rank r when the layer steps that way (S4; the factors are checked against the probed `M`), and
+  as a dense matrix otherwise. The layer's output stage (activation, projection, GLU) is the layer's own code.
 - Convolution form (`ConvModel`, `export_conv`): a whole sequence at once, with the filters of
-  every layer computed once at `max_len` and truncated to the input's length L (a dynamic
-  dimension, 1 <= L <= max_len). The first L taps of a filter do not depend on the length it was
+  every layer computed once at `max_len` and applied to inputs of any length L (a dynamic
+  dimension, 2 <= L <= max_len). The first L taps of a filter do not depend on the length it was
   computed for (S4's length correction makes its truncated filter exact), so this equals the eager
   forward pass at every L up to float32 rounding.
 
@@ -27,7 +28,7 @@ import copy
 import torch
 from torch import nn
 
-from ssm.fftconv import fftconv, no_autocast
+from ssm.fftconv import no_autocast
 from ssm.models import SequenceModel
 
 FORMS = ("step", "conv")
@@ -68,52 +69,108 @@ class _ProbedOutput:
         del self.layer._output
 
 
+@torch.no_grad()
+def _probe(layer: nn.Module):
+    """Feed `layer.step` the 2n real basis states (input 0) and the zero state (input 1).
+
+    Returns (H, n, y (2n+1, c*H), next states as real (2n+1, H, 2n)): column k of the transition
+    (in the `view_as_real` layout) and of the output functional come from basis state k; the
+    last row is the response to a unit input.
+    """
+    setup = getattr(layer, "setup_step", None)
+    if callable(setup):
+        setup()
+    s0 = layer.default_state(1)
+    if s0.dim() != 3 or not s0.is_complex():
+        raise ValueError(f"model: expected a complex (B, H, n) layer state, got {tuple(s0.shape)} {s0.dtype}")
+    H, n = s0.shape[1], s0.shape[2]
+    m = 2 * n
+    eye = torch.eye(m, device=s0.device, dtype=torch.float32).reshape(m, 1, n, 2)
+    basis = torch.view_as_complex(eye.expand(m, H, n, 2).contiguous()).to(s0.dtype)       # (2n, H, n)
+    states = torch.cat([basis, torch.zeros_like(basis[:1])])                             # (2n+1, H, n)
+    u = torch.zeros(m + 1, H, device=s0.device)
+    u[m] = 1.0
+    with _ProbedOutput(layer):
+        y, s_new = layer.step(u, states)                                                 # (2n+1, c*H), (2n+1, H, n)
+    return H, n, y.float(), torch.view_as_real(s_new.to(s0.dtype)).reshape(m + 1, H, m).float()
+
+
+@torch.no_grad()
+def _lowrank(layer: nn.Module, M: torch.Tensor):
+    """(z (H, n, 2), E, F (H, r, n, 2)) when the layer steps with `z x - E^T (F x)` (S4's DPLR step
+    system) and that form reproduces the probed transition M (H, 2n, 2n); otherwise None."""
+    recurrence = getattr(layer, "_recurrence", None)
+    if recurrence is None:
+        return None
+    kind, *system = recurrence(layer.rate)
+    if kind != "dplr" or len(system) != 5:
+        return None
+    z, E, F = (t.to(torch.complex64) for t in system[:3])                              # (H, n), (H, r, n) x2
+    H, n = z.shape
+    dense = torch.diag_embed(z) - torch.einsum("hrn,hrm->hnm", E, F)                    # (H, n, n) complex
+    # column j of the complex transition is the response to the real basis state e_j
+    probed = torch.view_as_complex(M.reshape(H, n, 2, n, 2)[..., 0].transpose(-1, -2).contiguous())  # (H, n, n)
+    if not torch.allclose(probed, dense, rtol=1e-4, atol=1e-5 * float(dense.abs().max())):
+        return None
+    return tuple(torch.view_as_real(t).float().contiguous() for t in (z, E, F))
+
+
 class RealStep(nn.Module):
     """The recurrence of one S4 layer in real arithmetic (see the module docstring).
 
-    `step(x_t (B, H), state (B, H, n, 2)) -> (y_t (B, H), next state (B, H, n, 2))`.
+    `step(x_t (B, H), state (B, H, n, 2)) -> (y_t (B, H), next state (B, H, n, 2))`. The transition
+    is stored per mode (`form="diag"`, 2 x 2 real blocks), as diagonal plus rank r (`"lowrank"`,
+    S4's O(N r) step) or as a dense (2n, 2n) real matrix per channel (`"dense"`).
     """
 
-    @torch.no_grad()
     def __init__(self, layer: nn.Module):
         super().__init__()
-        setup = getattr(layer, "setup_step", None)
-        if callable(setup):
-            setup()
-        s0 = layer.default_state(1)
-        if s0.dim() != 3 or not s0.is_complex():
-            raise ValueError(f"model: expected a complex (B, H, n) layer state, got {tuple(s0.shape)} {s0.dtype}")
-        H, n = s0.shape[1], s0.shape[2]
+        H, n, y, s_new = _probe(layer)
         m = 2 * n
-        eye = torch.eye(m, device=s0.device, dtype=torch.float32).reshape(m, 1, n, 2)
-        basis = torch.view_as_complex(eye.expand(m, H, n, 2).contiguous()).to(s0.dtype)     # (2n, H, n)
-        states = torch.cat([basis, torch.zeros_like(basis[:1])])                           # (2n+1, H, n)
-        u = torch.zeros(m + 1, H, device=s0.device)
-        u[m] = 1.0                                                                         # unit input, zero state
-        with _ProbedOutput(layer):
-            y, s_new = layer.step(u, states)                                               # (2n+1, c*H), (2n+1, H, n)
         self.channels, self.d_model, self.n = y.shape[-1] // H, H, n
-        s_new = torch.view_as_real(s_new.to(s0.dtype)).reshape(m + 1, H, m).float()        # (2n+1, H, 2n)
         M = s_new[:m].permute(1, 2, 0)                                                     # (H, 2n out, 2n in)
         blocks = M.reshape(H, n, 2, n, 2)
-        off = blocks.clone()
         idx = torch.arange(n, device=M.device)
+        off = blocks.clone()
         off[:, idx, :, idx, :] = 0
-        self.diagonal = bool((off == 0).all())
-        if self.diagonal:
+        lowrank = None if bool((off == 0).all()) else _lowrank(layer, M)
+        if bool((off == 0).all()):
+            self.form = "diag"
             self.register_buffer("M", blocks[:, idx, :, idx, :].permute(1, 0, 2, 3).contiguous())  # (H, n, 2, 2)
+        elif lowrank is not None:
+            self.form = "lowrank"
+            for name, t in zip(("z", "lr_e", "lr_f"), lowrank):
+                self.register_buffer(name, t)                                             # (H, n, 2), (H, r, n, 2)
         else:
+            self.form = "dense"
             self.register_buffer("M", M.contiguous())                                     # (H, 2n, 2n)
         self.register_buffer("b", s_new[m].reshape(H, n, 2).contiguous())                 # (H, n, 2)
-        y = y.float().reshape(m + 1, self.channels, H)
+        y = y.reshape(m + 1, self.channels, H)
         self.register_buffer("W", y[:m].permute(1, 2, 0).contiguous())                    # (c, H, 2n)
-        self.register_buffer("E", y[m].contiguous())                                      # (c, H)
+        self.register_buffer("d", y[m].contiguous())                                      # (c, H)
         self.act, self.dropout, self.out = layer.act, layer.dropout, layer.out
         self._layer_output = type(layer)._output
 
     def default_state(self, batch_size: int, device=None) -> torch.Tensor:
-        device = self.M.device if device is None else device
+        device = self.b.device if device is None else device
         return torch.zeros(batch_size, self.d_model, self.n, 2, device=device)
+
+    def _transition(self, s: torch.Tensor) -> torch.Tensor:
+        """s (B, H, n, 2) -> the state before the input term, same shape."""
+        if self.form == "diag":
+            return (self.M * s.unsqueeze(-2)).sum(-1)
+        if self.form == "dense":
+            flat = s.reshape(s.shape[0], self.d_model, 2 * self.n)                         # (B, H, 2n)
+            return torch.einsum("hpq,bhq->bhp", self.M, flat).reshape(s.shape)
+        sr, si = s[..., 0].unsqueeze(2), s[..., 1].unsqueeze(2)                            # (B, H, 1, n)
+        Fr, Fi, Er, Ei = self.lr_f[..., 0], self.lr_f[..., 1], self.lr_e[..., 0], self.lr_e[..., 1]
+        fr = (Fr * sr - Fi * si).sum(-1, keepdim=True)                                     # (B, H, r, 1): F x
+        fi = (Fr * si + Fi * sr).sum(-1, keepdim=True)
+        cr = (fr * Er - fi * Ei).sum(2)                                                    # (B, H, n): E^T (F x)
+        ci = (fr * Ei + fi * Er).sum(2)
+        zr, zi = self.z[..., 0], self.z[..., 1]                                            # (H, n)
+        sr, si = sr.squeeze(2), si.squeeze(2)
+        return torch.stack([zr * sr - zi * si - cr, zr * si + zi * sr - ci], dim=-1)
 
     def step(self, x_t: torch.Tensor, state: torch.Tensor):
         Bsz = x_t.shape[0]
@@ -121,12 +178,8 @@ class RealStep(nn.Module):
             u = x_t.float()                                                                # (B, H)
             s = state.float()                                                              # (B, H, n, 2)
             flat = s.reshape(Bsz, self.d_model, 2 * self.n)                                # (B, H, 2n)
-            y = torch.einsum("chk,bhk->bch", self.W, flat) + self.E * u[:, None, :]        # (B, c, H)
-            if self.diagonal:
-                s = (self.M * s.unsqueeze(-2)).sum(-1)                                     # (B, H, n, 2)
-            else:
-                s = torch.einsum("hpq,bhq->bhp", self.M, flat).reshape(s.shape)            # (B, H, n, 2)
-            s = s + self.b * u[:, :, None, None]
+            y = torch.einsum("chk,bhk->bch", self.W, flat) + self.d * u[:, None, :]        # (B, c, H)
+            s = self._transition(s) + self.b * u[:, :, None, None]
         return self._layer_output(self, y.reshape(Bsz, -1)), s
 
 
@@ -165,16 +218,29 @@ class StepModel(nn.Module):
 
 
 class FrozenConv(nn.Module):
-    """Convolution mode of one S4 layer with its filter computed once at `max_len`."""
+    """Convolution mode of one S4 layer with its filter computed once at `max_len`.
+
+    The FFT has one fixed power-of-two size `n_fft >= 2 max_len` whatever the input length:
+    onnxruntime's DFT loses accuracy at other sizes (errors up to ~6e-4 at L = 1000, against
+    ~3e-6 at L = 1024, when the size was 2L), and a constant size keeps torch.export from
+    specializing the length. Causal taps sit at indices [0, max_len), the bidirectional filter's
+    taps (lags -1, -2, ...) at the end of the buffer; an input of length L <= max_len, zero-padded
+    to n_fft, never wraps around into [0, L).
+    """
 
     @torch.no_grad()
     def __init__(self, layer: nn.Module, max_len: int):
         super().__init__()
-        # one tap more than any input uses: slicing never takes the whole buffer, so torch.export
-        # does not specialize the length to max_len
-        self.register_buffer("K", layer.filter(max_len + 1).float().contiguous())          # (c', H, max_len+1)
+        K = layer.filter(max_len).float()                                                  # (c', H, max_len)
+        c = layer.channels
+        self.n_fft = 2 * (1 << (max_len - 1).bit_length())
+        kk = K.new_zeros(c, K.shape[1], self.n_fft)
+        kk[..., :max_len] = K[:c]
+        if layer.bidirectional:
+            kk[..., self.n_fft - max_len:] = K[c:].flip(-1)                                # lag -(m+1) at n_fft-1-m
+        self.register_buffer("K", kk.contiguous())                                        # (c, H, n_fft)
         self.register_buffer("D", layer.D.detach().float().clone())                       # (c, H)
-        self.channels, self.bidirectional = layer.channels, layer.bidirectional
+        self.channels = c
         self.act, self.dropout, self.out = layer.act, layer.dropout, layer.out
         self._layer_output = type(layer)._output
 
@@ -185,15 +251,16 @@ class FrozenConv(nn.Module):
         c = self.channels
         with no_autocast(x.device.type):
             u = x.transpose(1, 2).float()                                                  # (B, H, L)
-            K = self.K[..., :L]
-            y = fftconv(u.unsqueeze(1), K[:c], K[c:] if self.bidirectional else None)      # (B, c, H, L)
+            u_f = torch.fft.rfft(u.unsqueeze(1), n=self.n_fft)                             # (B, 1, H, n/2+1)
+            k_f = torch.fft.rfft(self.K, n=self.n_fft)                                     # (c, H, n/2+1)
+            y = torch.fft.irfft(u_f * k_f, n=self.n_fft)[..., :L]                          # (B, c, H, L)
             y = y + self.D[:, :, None] * u.unsqueeze(1)
         return self._layer_output(self, y.permute(0, 3, 1, 2).reshape(Bsz, L, c * H)), None
 
 
 class ConvModel(nn.Module):
     """Convolution form of an S4/S4D `SequenceModel`: `forward(x (B, L[, d_input])) -> out`,
-    the model's `forward(x)[0]` (pooled as configured) for 1 <= L <= max_len."""
+    the model's `forward(x)[0]` (pooled as configured) for 2 <= L <= max_len."""
 
     def __init__(self, model: SequenceModel, max_len: int):
         super().__init__()
@@ -257,10 +324,7 @@ def onnx_names(model: SequenceModel, form: str) -> tuple[list[str], list[str]]:
 def save_onnx(model: SequenceModel, path: str, *, form: str = "step", max_len: int | None = None) -> str:
     """Write the step form (or, with form="conv", the convolution form up to `max_len`) as ONNX.
 
-    Uses the dynamo-based `torch.onnx.export` (opset 18+; the FFT becomes ONNX `DFT`). The conv
-    form's intermediate shape annotations are dropped before saving: onnxruntime 1.32 rejects the
-    exporter's annotation of the inverse real DFT's output ("Shape mismatch attempting to re-use
-    buffer") and infers the shapes itself without them.
+    Uses the dynamo-based `torch.onnx.export` (the FFT becomes ONNX `DFT`). Returns `path`.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -274,9 +338,5 @@ def save_onnx(model: SequenceModel, path: str, *, form: str = "step", max_len: i
     with torch.no_grad():
         program = torch.onnx.export(module, args, dynamic_shapes=dyn, input_names=inputs, output_names=outputs,
                                     dynamo=True, verbose=False)
-    proto = program.model_proto
-    if form == "conv":
-        del proto.graph.value_info[:]
-    import onnx
-    onnx.save(proto, path)
+    program.save(path)
     return path

@@ -9,12 +9,12 @@ Presets (full table with the public file of every value: README "Long Range Aren
 `python -m experiments.lra.config --table`; the tasks themselves: `docs/lra.md`):
 - `paper`: `s4` equals the public S4 LRA configurations of the state-spaces/s4 repository
   (`configs/experiment/lra/s4-*.yaml` and what they inherit), `s4d` is the same with the diagonal
-  layer (no public S4D LRA config exists: see `SOURCES`), `transformer` equals the LRA paper's
+  layer (no public S4D LRA config exists: see `DIFFERENCES`), `transformer` equals the LRA paper's
   Transformer configurations (google-research/long-range-arena, `lra_benchmarks/*/configs/`).
-- `cpu-small`: narrow, shallow models for CPU runs. Sequence caps: ListOps none (the generator writes
-  at most 2,000 tokens, the task length); the other tasks are capped on purpose (Text and Retrieval
-  at 1,024 bytes, Path-X at 16,384 = no cap), so long documents are truncated: the data loader reports
-  how many. Its ListOps row is the quick start.
+- `cpu-small`: narrow, shallow models for CPU runs. ListOps keeps its full length (the generator
+  writes at most 2,000 tokens, the task length); Text and Retrieval are capped at 1,024 bytes on
+  purpose (longer documents are truncated, and the data loader reports how many); the image tasks
+  keep their full length. Its ListOps row is the quick start.
 
 Learning-rate schedules (`lr_multiplier`): "cosine" (linear warmup, then half a cosine to
 `min_lr_frac`), "rsqrt" (the LRA text tasks: linear warmup times 1/sqrt(max(step, warmup))) and
@@ -104,6 +104,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 20
     eval_every: int | None = None  # extra validation every this many steps (always at each epoch end)
+    checkpoint_every: int | None = None  # also write last.pt every this many steps (always at epoch ends)
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     progress: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda"
@@ -563,6 +564,7 @@ def _check_train(c: _Checks) -> None:
     c.integer("train.seed", 0)
     c.integer("train.log_every", 1)
     c.integer("train.eval_every", 1, none_ok=True)
+    c.integer("train.checkpoint_every", 1, none_ok=True)
     c.flag("train.amp")
     c.flag("train.progress")
     c.choice("train.device")

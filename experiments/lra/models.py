@@ -17,42 +17,20 @@
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
 from experiments.lra.config import ATTENTION_POS, Config, rope_scaling_dict
 from experiments.lra.tasks import task as task_info
 
-# New S4 options and the value that means "as before" (the layer's behaviour without the option).
-_SSM_OPTIONS = (("n_ssm", None), ("dt_transform", "exp"), ("tie_dropout", False))
-
-
-def _block_params() -> set:
-    from ssm.layers.block import S4Block
-
-    return set(inspect.signature(S4Block).parameters)
-
 
 def _ssm_kwargs(cfg: Config) -> dict:
     m, o = cfg.model, cfg.optim
     kwargs = {"d_state": m.d_state, "norm": m.norm, "bidirectional": m.bidirectional, "dt_min": m.dt_min,
-              "dt_max": m.dt_max, "ssm_lr": o.ssm_lr}
+              "dt_max": m.dt_max, "n_ssm": m.n_ssm, "dt_transform": m.dt_transform, "tie_dropout": m.tie_dropout,
+              "ssm_lr": o.ssm_lr, "dt_lr": o.dt_lr}
     if m.init is not None:
         kwargs["init"] = m.init
-    supported = _block_params()
-    wanted = {name: getattr(m, name) for name, _ in _SSM_OPTIONS}
-    wanted["dt_lr"] = o.dt_lr
-    legacy = dict(_SSM_OPTIONS, dt_lr=o.ssm_lr)  # without dt_lr, dt trains at ssm_lr
-    for name, value in wanted.items():
-        if name in supported:
-            kwargs[name] = value
-        elif value != legacy[name]:
-            raise ValueError(f"--model/--optim {name}={value!r} needs an ssm.layers.block.S4Block that accepts "
-                             f"`{name}`; this one does not")
-    if o.ssm_lr is None and "dt_lr" not in supported:
-        raise ValueError("--optim.ssm_lr=None needs an S4Block that accepts dt_lr")
     return kwargs
 
 

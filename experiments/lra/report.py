@@ -45,36 +45,42 @@ def _unfinished_note(folder: Path) -> str:
 def find_results(paths: list[str | Path], *, notes=None) -> list[dict]:
     """The `result.json` of each run folder (or of its immediate subfolders).
 
-    Run folders without a result (still training, stopped by a signal) are skipped; a note for each
-    goes to `notes` (a callable; default: print to stderr). FileNotFoundError when none of `paths`
-    holds a result or a run folder.
+    Run folders without a result (still training, stopped by a signal) and paths that are no run
+    (a data folder or a summary file caught by `runs/*`) are skipped with a one-line note each, sent
+    to `notes` (a callable; default: print to stderr). FileNotFoundError when no result is found.
     """
     notes = notes or (lambda text: print(text, file=sys.stderr))
-    results = []
+    files = []
     for p in map(Path, paths):
         if p.is_file():
-            files = [p]
+            if p.name == "result.json":
+                files.append(p)
+            else:
+                notes(f"note: skipping {p}: not a run folder or result.json")
         elif (p / "result.json").is_file():
-            files = [p / "result.json"]
+            files.append(p / "result.json")
         else:
-            files = sorted(p.glob("*/result.json"))
+            found = sorted(p.glob("*/result.json"))
             unfinished = [p] if _is_run(p) else [d for d in sorted(p.glob("*"))
                                                    if _is_run(d) and not (d / "result.json").is_file()]
             for folder in unfinished:
                 notes(_unfinished_note(folder))
-            if not files and unfinished:
-                continue
-        if not files:
-            raise FileNotFoundError(f"no result.json in {p} or its subfolders (run `python -m experiments.lra.train` "
-                                    f"first; it writes RUN_DIR/result.json at the end)")
-        for f in files:
-            res = json.loads(f.read_text())
-            missing = [k for k in ("task", "model", "preset", "test_acc") if k not in res]
-            if missing:
-                raise ValueError(f"{f}: not an LRA result file (missing {missing})")
-            res["path"] = str(f.parent)
-            results.append(res)
-    return results
+            if not found and not unfinished:
+                notes(f"note: skipping {p}: no result.json in it or its subfolders")
+            files += found
+    if not files:
+        raise FileNotFoundError(f"no result.json in {', '.join(map(str, paths))} or their subfolders (run "
+                                "`python -m experiments.lra.train` first; it writes RUN_DIR/result.json at the end)")
+    return [_read_result(f) for f in files]
+
+
+def _read_result(f: Path) -> dict:
+    res = json.loads(f.read_text())
+    missing = [k for k in ("task", "model", "preset", "test_acc") if k not in res]
+    if missing:
+        raise ValueError(f"{f}: not an LRA result file (missing {missing})")
+    res["path"] = str(f.parent)
+    return res
 
 
 def _fmt(value: float | None) -> str:

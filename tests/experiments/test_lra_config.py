@@ -156,6 +156,7 @@ def test_readme_table_matches_code():
     ("data.max_len", "0", r"--data\.max_len must be an integer >= 1 or None"),
     ("train.log_every", "0", r"--train\.log_every must be an integer >= 1"),
     ("train.seed", "-1", r"--train\.seed must be an integer >= 0"),
+    ("train.checkpoint_every", "0", r"--train\.checkpoint_every must be an integer >= 1 or None"),
 ])
 def test_bad_values_are_refused_naming_the_field(key, value, match):
     with pytest.raises(ValueError, match=match):

@@ -1,8 +1,8 @@
 """Every LRA task at its full published length: two optimizer steps of the paper preset (batch reduced)
 on generated official-format files, each in its own process, with its peak memory recorded.
 
-Slow (`--run-slow`): about 20 minutes and up to ~9 GB (Path-X Transformer) on a 2-core CPU. The same
-runs print a table with `python -m experiments.lra.cost --full-length`.
+Slow (`--run-slow`): about 30 minutes and up to ~8 GB (the Transformer on Path-X and Retrieval,
+batch 1) on a 2-core CPU. The same runs print a table with `python -m experiments.lra.cost --full-length`.
 """
 from __future__ import annotations
 

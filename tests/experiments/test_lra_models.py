@@ -3,7 +3,6 @@ official-format fixtures), every RoPE scaling reaches the attention layer, the R
 unused parameter, the heads have the configured shapes, and the SSM layer options reach S4Block."""
 from __future__ import annotations
 
-import inspect
 import json
 import math
 
@@ -144,18 +143,6 @@ def test_heads_follow_the_config():
     assert model(x).shape == (3, 2)
 
 
-def _block_accepts(name: str) -> bool:
-    from ssm.layers.block import S4Block
-
-    return name in inspect.signature(S4Block).parameters
-
-
-NEEDS_LAYER_OPTIONS = pytest.mark.skipif(
-    not all(_block_accepts(n) for n in ("n_ssm", "dt_transform", "dt_lr", "tie_dropout")),
-    reason="needs S4Block(n_ssm, dt_transform, dt_lr, tie_dropout)")
-
-
-@NEEDS_LAYER_OPTIONS
 @pytest.mark.parametrize("task", ["listops", "image"])
 def test_paper_ssm_options_reach_the_layer(task):
     cfg = C.preset_config(task, "s4", "paper")
@@ -168,9 +155,24 @@ def test_paper_ssm_options_reach_the_layer(task):
     assert model(x).shape == (2, 10)
 
 
-def test_unsupported_layer_option_is_a_clear_error():
-    if _block_accepts("n_ssm"):
-        pytest.skip("S4Block accepts n_ssm")
-    cfg = C.build_config("listops", "s4", "cpu-small", {"model.n_ssm": "1"})
-    with pytest.raises(ValueError, match="n_ssm=1 needs an ssm.layers.block.S4Block that accepts"):
-        M.layer_kwargs(cfg)
+def test_param_groups_follow_the_optimizer_settings():
+    # S4 ListOps: A, B, P at 1e-3, dt at the global lr (its file says lr.dt: null), both without decay;
+    # every other parameter decays, biases and norm scales included (`decay_vectors`).
+    cfg = C.build_config("listops", "s4", "paper", {"model.d_model": "16", "model.n_layers": "1"})
+    model = M.build_model(cfg)
+    where = {id(p): (g["lr"], g["weight_decay"]) for g in M.param_groups(model, cfg) for p in g["params"]}
+    named = dict(model.named_parameters())
+    layer = "backbone.blocks.0.layer."
+    for name in ("P", "log_neg_real", "imag", "B"):
+        assert where[id(named[layer + name])] == (1e-3, 0.0), name
+    assert where[id(named[layer + "log_dt"])] == (0.01, 0.0)
+    assert where[id(named[layer + "out.bias"])] == (0.01, 0.05)
+    assert len(where) == len(named)
+    cfg = C.build_config("listops", "s4", "cpu-small", {"model.d_model": "16", "model.n_layers": "1"})
+    model = M.build_model(cfg)
+    where = {id(p): (g["lr"], g["weight_decay"]) for g in M.param_groups(model, cfg) for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert where[id(named[layer + "out.bias"])] == (1e-2, 0.0)  # library default: vectors not decayed
+    assert where[id(named[layer + "log_dt"])] == (1e-3, 0.0)
+    opt = M.make_optimizer(model, cfg)
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8

@@ -64,6 +64,14 @@ def test_unfinished_run_folders_are_skipped_with_a_note(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"note: skipping {unfinished}: unfinished run, no result.json yet (last logged step 40)"]
         assert "| S4D (cpu-small, this repo) | 50.00 |" in text
+    # `report runs/*` also catches files and folders that are no runs: one note each, no abort.
+    (runs / "summary.md").write_text("x")
+    (runs / "data").mkdir()
+    report.main([str(p) for p in sorted(runs.iterdir())] + ["--no-plots"])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"note: skipping {runs / 'data'}: no result.json in it or its subfolders",
+        f"note: skipping {unfinished}: unfinished run, no result.json yet (last logged step 40)",
+        f"note: skipping {runs / 'summary.md'}: not a run folder or result.json"]
     with pytest.raises(FileNotFoundError, match="no result.json"):
         report.main([str(tmp_path / "empty_dir_that_is_no_run")])
 

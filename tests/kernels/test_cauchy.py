@@ -116,7 +116,8 @@ def test_triton_outputs_fully_overwritten(monkeypatch):
     monkeypatch.setattr(kernels._triton, "POISON_OUTPUTS", True)
     v, z, w = make_inputs(3, 3, 5, 150, dtype=torch.complex64)
     g = torch.randn(3, 3, 150, dtype=torch.complex64)
-    out, gv, gz, gw = value_and_grads(lambda a, b, c: cauchy_mult(a, b, c, symmetric=True, backend="triton"), v, z, w, g)
+    fn = lambda a, b, c: cauchy_mult(a, b, c, symmetric=True, backend="triton")  # noqa: E731
+    out, gv, gz, gw = value_and_grads(fn, v, z, w, g)
     assert_close(out, cauchy_chunked_fwd(v, z, w, True), rtol=1e-4, atol=1e-5, name="out")
     ev, ez, ew = cauchy_chunked_bwd(g, v, z, w, True, True)
     for name, a, e in (("grad_v", gv, ev), ("grad_z", gz, ez), ("grad_w", gw, ew)):
@@ -247,3 +248,9 @@ def test_cpu_path_memory_at_s4_size():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     growth_mb = float(res.stdout.strip().splitlines()[-1])
     assert growth_mb < 500, f"RSS grew by {growth_mb:.0f} MB"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    v, z, w = make_inputs(2, 2, 3, 5, dtype=torch.complex64)
+    torch.library.opcheck(torch.ops.ssmkit.cauchy.default, (v, z, w, True, backend))

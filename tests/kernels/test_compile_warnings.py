@@ -50,5 +50,6 @@ def test_compile_warns_about_nothing_in_kernels(caplog):
         out = torch.compile(f, backend="aot_eager", fullgraph=True)(v, x, vc, zc, wc)
     assert_close(out, f(v, x, vc, zc, wc), name="compiled")
     ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if _about_the_library(w.filename, str(w.message))]
-    ours += [f"log {r.name}: {r.getMessage()}" for r in caplog.records if _about_the_library(r.pathname, r.getMessage())]
+    ours += [f"log {r.name}: {r.getMessage()}" for r in caplog.records
+             if _about_the_library(r.pathname, r.getMessage())]
     assert not ours, "warnings about kernels/ under torch.compile:\n" + "\n".join(ours)

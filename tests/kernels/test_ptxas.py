@@ -1,0 +1,65 @@
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 without register spills and
+within the shared memory a block may use (no GPU needed; see `ptxas_check.py`).
+
+On a GPU a spill is local-memory traffic, usually in the innermost loop; a block over the
+shared-memory limit does not launch. The default test compiles the first autotune config of each
+kernel for sm_90 (about 30 s on 2 busy cores); `--run-slow` compiles every kernel, every autotune
+config and every launcher case for both architectures (112 compiles: about 4 minutes on 2 shared
+cores, 10 under heavy load).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _compile_report(*args: str) -> list[dict]:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-m", "tests.kernels.ptxas_check", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=3600)
+    if res.returncode == 3:
+        pytest.skip("this Triton version has a different ahead-of-time compile API")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def _problems(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        what = {k: v for k, v in r.items() if k not in ("regs", "stack", "spill_stores", "spill_loads", "shared",
+                                                        "shared_limit", "seconds")}
+        if r["spill_stores"] or r["spill_loads"]:
+            out.append(f"{what}: {r['spill_stores']} bytes spill stores, {r['spill_loads']} bytes spill loads "
+                       f"({r['regs']} registers)")
+        if r["shared"] > r["shared_limit"]:
+            out.append(f"{what}: {r['shared']} bytes of shared memory > {r['shared_limit']}")
+    return out
+
+
+def test_problem_detection():
+    # Guards the tests below: a spill or too much shared memory is reported.
+    ok = {"kernel": "k", "arch": 90, "regs": 128, "stack": 32, "spill_stores": 0, "spill_loads": 0,
+          "shared": 1024, "shared_limit": 2048}
+    assert _problems([ok]) == []
+    assert len(_problems([{**ok, "spill_loads": 4}, {**ok, "shared": 4096}])) == 2
+
+
+def test_first_configs_compile_for_sm90_without_spills():
+    rows = _compile_report("--arch", "90", "--first")
+    assert {r["kernel"] for r in rows} == {"_vandermonde_fwd_kernel", "_vandermonde_bwd_kernel", "_cauchy_fwd_kernel",
+                                           "_cauchy_bwd_vw_kernel", "_cauchy_bwd_z_kernel"}
+    assert not _problems(rows), "\n".join(_problems(rows))
+
+
+@pytest.mark.slow
+def test_every_kernel_and_config_compiles_for_sm80_and_sm90_without_spills():
+    rows = _compile_report("--arch", "90", "80")
+    assert len(rows) == 112, len(rows)  # 2 archs x (Vandermonde 2 x 2 + 3 x 2, Cauchy (8 + 7 + 8) x 2)
+    assert not _problems(rows), "\n".join(_problems(rows))
