@@ -1,8 +1,8 @@
-"""Long convolutions by FFT and the state algebra that lets them run in chunks (SPEC section 3).
+"""Long convolutions by FFT and the state algebra that lets them run in chunks (docs/s4.md).
 
-- `fftconv`: causal `y = K * u` (and the bidirectional form, a second filter on the strictly
-  future inputs) through one real FFT of length 2L, always in float32 (autocast is switched off
-  here: bf16 FFTs lose the filter's tail).
+- `fftconv`: causal `y = K * u + d u` (and the bidirectional form, a second filter on the
+  strictly future inputs) through real FFTs of length `fft_length(L)` (>= 2L), always in float32
+  (autocast is switched off here: bf16 FFTs lose the filter's tail).
 - State passing, so a sequence can be processed chunk by chunk with the result of one pass:
   the zero-input response of an initial state `s` over L steps (`y_k += C Ab^(k+1) s`) and the
   state after the last step (`x_{L-1} = Ab^L s + sum_k Ab^(L-1-k) Bb u_k`), in closed form for a
@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 import kernels
 
@@ -26,68 +28,144 @@ def no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Reduce a broadcast gradient back to `shape`."""
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """Reduce a broadcast gradient back to `shape` (size-1 dims are dropped by a view, not a sum)."""
     extra = t.dim() - len(shape)
-    t = t.sum(dim=tuple(range(extra))) if extra > 0 else t
+    lead = tuple(i for i in range(extra) if t.shape[i] != 1)
+    t = t.sum(dim=lead) if lead else t
+    t = t.reshape(t.shape[len(t.shape) - len(shape):]) if t.dim() > len(shape) else t
     dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-class _FFTConv(torch.autograd.Function):
-    """Circular convolution of zero-padded u (..., L) with a length-2L filter, first L outputs.
+def fft_length(L: int) -> int:
+    """FFT length for a causal convolution of length L: the smallest 2^a 3^b 5^c >= 2L.
 
-    Saves the two spectra (complex, (..., L+1) each: about the size of u and the filter) so the
-    backward needs one forward FFT (of the gradient) instead of three; the spectra are consumed
-    in place so the 2L-long buffers die as soon as possible.
+    2L is the shortest circular length with no wrap-around for both the causal and the
+    bidirectional filter; FFT libraries (MKL, pocketfft, cuFFT) are fastest on 2-, 3- and
+    5-smooth lengths, while a large prime factor can cost several times more (see BENCHMARKS.md).
+    """
+    best = 1 << max(1, (2 * L - 1).bit_length())                 # the power of two >= 2L
+    p5 = 1
+    while p5 < best:                                                   # every 3^b 5^c below it,
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < 2 * L:                                           # times the power of 2 reaching 2L
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+# Bytes per temporary in the blocked CPU path: buffers under glibc's largest mmap threshold (32 MiB)
+# are reused from the heap between calls instead of being page-faulted in afresh every time.
+BLOCK_BYTES = 8 << 20
+
+
+def _channel_blocks(rows: int, per_row_bytes: int, device: torch.device) -> list[slice]:
+    """Slices of the channel dim so each FFT temporary stays under BLOCK_BYTES (CPU only)."""
+    step = rows if device.type != "cpu" else max(1, min(rows, BLOCK_BYTES // max(1, per_row_bytes)))
+    return [slice(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
+class _ConvSkip(torch.autograd.Function):
+    """y = first L outputs of the circular length-n convolution of zero-padded u with k, + d u.
+
+    u: (..., H, L), k: (..., H, Lk), d: k's leading shape or None; the leading dims broadcast.
+    The skip is folded into the filter (`d` at lag 0 adds `d` to every frequency of the filter
+    spectrum), so its gradient is lag 0 of the filter gradient. On the CPU the work runs in blocks
+    of channels (see BLOCK_BYTES); each spectral product is one pass, and the saved spectra are
+    conjugated in place once the forward is done with them, so the backward needs no conjugate
+    copies. Saved: the filter spectrum and either the input spectrum (`save_spectrum`) or u (the
+    backward then recomputes its FFT). Broadcast dims are summed in the frequency domain (one
+    inverse FFT per filter row).
     """
 
     @staticmethod
-    def forward(ctx, u, kk):
-        L = u.shape[-1]
-        u_f = torch.fft.rfft(u, n=2 * L)                                   # (..., L+1)
-        k_f = torch.fft.rfft(kk, n=2 * L)                                  # (..., L+1)
-        ctx.save_for_backward(u_f, k_f)
-        ctx.shapes = (u.shape, kk.shape)
-        return torch.fft.irfft(u_f * k_f, n=2 * L)[..., :L]               # (..., L)
+    def forward(ctx, u, k, d, n, save_spectrum):
+        L, H = u.shape[-1], u.shape[-2]
+        if k.shape[-2] != H:
+            raise ValueError(f"fftconv: u has {H} channels (dim -2) but k has {k.shape[-2]}")
+        lead = torch.broadcast_shapes(u.shape[:-2], k.shape[:-2])
+        y = u.new_empty(lead + (H, L))                                  # (..., H, L)
+        saved_u, saved_k = [], []
+        for hs in _channel_blocks(H, 4 * n * max(1, math.prod(lead)), u.device):
+            u_f = torch.fft.rfft(u[..., hs, :], n=n)                    # (..., h, n/2+1)
+            k_f = torch.fft.rfft(k[..., hs, :], n=n)
+            if d is not None:
+                k_f += d[..., hs].unsqueeze(-1)
+            if not save_spectrum and u_f.shape[:-2] == lead:
+                prod = u_f.mul_(k_f)                                    # u_f is not needed any more
+            else:
+                prod = u_f * k_f
+            y[..., hs, :] = torch.fft.irfft(prod, n=n)[..., :L]
+            del prod
+            saved_u.append(u_f.conj_physical_() if save_spectrum else u[..., hs, :])
+            saved_k.append(k_f.conj_physical_())
+        ctx.save_for_backward(*saved_u, *saved_k)
+        ctx.meta = (n, save_spectrum, u.shape, k.shape, None if d is None else d.shape)
+        return y
 
     @staticmethod
+    @once_differentiable  # the saved spectra come from the forward without autograd history
     def backward(ctx, grad):
-        u_f, k_f = ctx.saved_tensors
-        u_shape, k_shape = ctx.shapes
-        L = u_shape[-1]
-        g = torch.fft.rfft(grad, n=2 * L)                                # (..., L+1)
-        gu = gk = None
-        if ctx.needs_input_grad[0]:
-            spec = g * k_f.conj()                                          # (..., L+1)
-            gu = _sum_to(torch.fft.irfft(spec, n=2 * L)[..., :L].contiguous(), u_shape)
-            del spec
-        if ctx.needs_input_grad[1]:
-            spec = g.mul_(u_f.conj())                                      # g is not needed after this
-            gk = _sum_to(torch.fft.irfft(spec, n=2 * L)[..., :k_shape[-1]].contiguous(), k_shape)
-        return gu, gk
+        n, save_spectrum, u_shape, k_shape, d_shape = ctx.meta
+        saved = ctx.saved_tensors
+        saved_u, saved_k = saved[: len(saved) // 2], saved[len(saved) // 2:]
+        L, H = u_shape[-1], u_shape[-2]
+        need_u, need_k, need_d = ctx.needs_input_grad[:3]
+        gu = grad.new_empty(u_shape) if need_u else None
+        gk = grad.new_empty(k_shape) if need_k else None
+        gd = grad.new_empty(k_shape[:-1]) if need_d else None
+        lead = grad.shape[:-2]
+        for hs, us, k_fc in zip(_channel_blocks(H, 4 * n * max(1, math.prod(lead)), grad.device),
+                                saved_u, saved_k):
+            g = torch.fft.rfft(grad[..., hs, :], n=n)                   # (..., h, n/2+1)
+            if need_k or need_d:
+                u_fc = us if save_spectrum else torch.fft.rfft(us, n=n).conj_physical_()
+                gk_full = torch.fft.irfft(_sum_to(g * u_fc, k_fc.shape), n=n)   # (..., h, n)
+                del u_fc
+                if need_k:
+                    gk[..., hs, :] = gk_full[..., :k_shape[-1]]
+                if need_d:
+                    gd[..., hs] = gk_full[..., 0]
+            if need_u:
+                spec = g.mul_(k_fc) if g.shape == torch.broadcast_shapes(g.shape, k_fc.shape) else g * k_fc
+                gu[..., hs, :] = torch.fft.irfft(_sum_to(spec, us.shape[:-1] + spec.shape[-1:]), n=n)[..., :L]
+        return gu, gk, None if gd is None else _sum_to(gd, d_shape), None, None
 
 
-def fftconv(u: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal convolution `y_l = sum_{m<=l} k_m u_{l-m}` along the last dim, by FFT in float32.
+def fftconv(u: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None = None,
+            d: torch.Tensor | None = None, *, save_spectrum: bool = True) -> torch.Tensor:
+    """Causal convolution `y_l = sum_{m<=l} k_m u_{l-m}` (+ `d u_l`) along the last dim, by FFT in float32.
 
     u: (..., L) real; k: broadcastable to u's leading dims, (..., Lk) with Lk <= L (shorter
     filters are zero-extended). k_rev (same shape as k) is the bidirectional part: it acts on the
     strictly future inputs, `y_l += sum_{m>=0} k_rev_m u_{l+1+m}` (one FFT for both directions).
+    d (k's leading shape) is the skip term, computed inside the same FFT. `save_spectrum=False`
+    keeps u instead of its spectrum for the backward (less memory, one more FFT there).
     """
     L = u.shape[-1]
     if k.shape[-1] > L or (k_rev is not None and k_rev.shape[-1] > L):
         raise ValueError(f"fftconv: filter length {k.shape[-1]} exceeds sequence length {L}")
+    n = fft_length(int(L))
     with no_autocast(u.device.type):
-        u = u.float()
-        k = k.float()
+        u, k = u.float(), k.float()
+        vector = u.dim() == 1 and k.dim() == 1
+        u, k = (u if u.dim() > 1 else u.unsqueeze(0)), (k if k.dim() > 1 else k.unsqueeze(0))
+        if u.shape[-2] != k.shape[-2]:                                 # channel dim broadcast
+            H = max(u.shape[-2], k.shape[-2])
+            u, k = u.expand(u.shape[:-2] + (H, L)), k.expand(k.shape[:-2] + (H, k.shape[-1]))
         if k_rev is not None:
             k_rev = k_rev.float()
-            pad = torch.zeros(k.shape[:-1] + (2 * L - k.shape[-1] - k_rev.shape[-1],),
+            pad = torch.zeros(k.shape[:-1] + (n - k.shape[-1] - k_rev.shape[-1],),
                               dtype=k.dtype, device=k.device)
-            # lag -(m+1) of the circular length-2L convolution sits at index 2L-1-m
-            k = torch.cat([k, pad, k_rev.flip(-1)], dim=-1)           # (..., 2L)
-        return _FFTConv.apply(u, k)                                    # (..., L)
+            # lag -(m+1) of the circular length-n convolution sits at index n-1-m
+            k = torch.cat([k, pad, k_rev.flip(-1)], dim=-1)           # (..., n)
+        y = _ConvSkip.apply(u, k, None if d is None else d.float(), n, save_spectrum)   # (..., L)
+        return y[0] if vector else y
 
 
 def roll_left_padded(u: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

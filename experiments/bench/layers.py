@@ -1,13 +1,29 @@
-"""Layer benchmark cases (issue 7): S4D, S4, an SDPA attention layer and a Transformer block with
-RoPE at equal width, forward (inference, under no_grad) and forward+backward (all parameters and
-the input), time and peak memory.
+"""Layer benchmark cases: S4D, S4, an SDPA attention layer and a Transformer block with RoPE at
+equal width, forward (inference, under no_grad) and forward+backward (all parameters and the
+input), time and peak memory.
 
-- `s4d`: `ssm.layers.s4.S4(H, N, mode="diag")`; `s4`: `S4(H, N, mode="dplr")` (SPEC section 3),
+- `s4d`: `ssm.layers.s4.S4(H, N, mode="diag")`; `s4`: `S4(H, N, mode="dplr")` (docs/s4.md),
   each at its constructor defaults (causal, default init and discretization).
 - `attention`: `ssm.layers.attention.MultiHeadAttention` (SDPA, bidirectional), head dim 64.
 - `transformer`: `ssm.layers.attention.TransformerBlock(pos="rope")` (pre-norm, GELU MLP), head dim 64.
 Memory: on CUDA `max_memory_allocated` above the allocation before the call; on CPU the runner
-measures peak RSS growth in a fresh process per case (`experiments.bench.child`).
+measures peak RSS growth in a fresh process per case (`experiments.bench.child`), over one call of
+the layer alone made after the timed calls.
+
+Floor (s4d / s4): the layer's irreducible work at the same shapes, timed in the same loop as the
+layer (alternating, `timing.time_interleaved`): the output Linear (c*H -> 2H on (B, L, c*H))
+forward + backward (input, weight and bias gradients), and the FFTs the convolution needs at the
+layer's FFT length n = `ssm.fftconv.fft_length(L)`: forward rfft of the input (B*H rows) and of
+the filter (c*H rows), irfft of the product (B*c*H rows); fwd+bwd adds rfft of the output
+gradient (B*c*H rows), irfft of the input gradient (B*H rows) and of the filter gradient (c*H
+rows). `x_floor` = layer median / floor median. Not in the floor: filter generation (Vandermonde /
+Cauchy), activation, GLU, products, copies; the floor's calls allocate their outputs like the layer's.
+
+Activations (s4d / s4): the tensors the layer must keep between forward and backward, besides its
+input x (held by the caller and enough for the convolution's backward): the filter K (c' x H x L
+float32, c' = c, x2 if bidirectional; its spectrum may stand in for it), the SSM output y that the
+activation's backward needs (B x c*H x L float32) and the Linear output that GLU's backward needs
+(B x L x 2H, the Linear's dtype). `x_act` = peak memory / these bytes. Fwd rows use the same bytes.
 """
 from __future__ import annotations
 
@@ -47,6 +63,52 @@ def build(layer: str, H: int, N: int | None, *, device: str) -> torch.nn.Module:
     return TransformerBlock(H, n_heads=n_heads, pos="rope", device=device)
 
 
+def activation_bytes(layer: str, B: int, H: int, L: int, *, channels: int = 1, bidirectional: bool = False,
+                     out_itemsize: int = 4) -> int | None:
+    """Bytes an S4/S4D layer must keep for its backward besides its input (module docstring)."""
+    if layer not in ("s4d", "s4"):
+        return None
+    c_filter = channels * (2 if bidirectional else 1)
+    return 4 * c_filter * H * L + 4 * B * channels * H * L + out_itemsize * B * L * 2 * H
+
+
+def floor_call(layer: str, B: int, H: int, L: int, *, mode: str, device: str, channels: int = 1,
+               dtype: torch.dtype = torch.float32):
+    """The S4/S4D floor (module docstring) as a callable, or None for other layers."""
+    if layer not in ("s4d", "s4"):
+        return None
+    try:
+        from ssm.fftconv import fft_length
+    except ImportError:  # a tree from before the FFT length choice: the length it used, 2L
+        def fft_length(L):
+            return 2 * L
+    n, c = fft_length(L), channels
+    gen = torch.Generator(device).manual_seed(1)
+    def rnd(*shape, dt=torch.float32):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dt)
+    lin = torch.nn.Linear(c * H, 2 * H, device=device, dtype=dtype)
+    a = rnd(B, L, c * H, dt=dtype)                                                       # (B, L, cH)
+    u, k = rnd(B, H, L), rnd(c, H, L)                                                    # (B, H, L), (c, H, L)
+    F = n // 2 + 1
+    prod = rnd(B, c, H, F, dt=torch.complex64)                     # spectra to invert: inputs, not timed work
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                lin(a)
+                torch.fft.rfft(u, n=n), torch.fft.rfft(k, n=n), torch.fft.irfft(prod, n=n)
+        return call
+    a.requires_grad_(True)
+    gz, gy = rnd(B, L, 2 * H, dt=dtype), rnd(B, c, H, L)                                 # (B, L, 2H), (B, c, H, L)
+    spec_u, spec_k = rnd(B, H, F, dt=torch.complex64), rnd(c, H, F, dt=torch.complex64)
+    params = [a, lin.weight, lin.bias]
+
+    def call():
+        torch.autograd.grad(lin(a), params, gz)
+        torch.fft.rfft(u, n=n), torch.fft.rfft(k, n=n), torch.fft.irfft(prod, n=n)     # forward
+        torch.fft.rfft(gy, n=n), torch.fft.irfft(spec_u, n=n), torch.fft.irfft(spec_k, n=n)   # backward
+    return call
+
+
 def _forward(m: torch.nn.Module, x: torch.Tensor, amp: str) -> torch.Tensor:
     if amp == "bf16":  # SDPA's flash kernels need 16-bit inputs; the S4 layers keep SSM math in float32
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
@@ -59,7 +121,9 @@ def _forward(m: torch.nn.Module, x: torch.Tensor, amp: str) -> torch.Tensor:
 def run_layer_case(case: dict, *, before_timing=None) -> dict:
     """Sanity-check, then time, one (layer, B, H, N, L, mode) case. Keys of `case`: layer, B, H,
     N, L, mode, device, repeats, budget_s, amp ("none" | "bf16": autocast around the layer).
-    `before_timing` runs after the first (checked) call, before the timed ones."""
+    S4/S4D cases also time their floor (interleaved) and report `x_floor` and `activation_bytes`.
+    `before_timing` (CPU memory mark) runs after the timed calls, before one more call of the
+    layer alone, so the floor's buffers never count in the layer's peak."""
     from experiments.bench.timing import time_case
     layer, B, H, N, L, mode, device = (case[k] for k in ("layer", "B", "H", "N", "L", "mode", "device"))
     amp = case.get("amp", "none")
@@ -96,6 +160,19 @@ def run_layer_case(case: dict, *, before_timing=None) -> dict:
         return {**res, "status": "OOM", "reason": "CUDA out of memory"}
     except Exception as e:
         return {**res, "status": "FAILED", "reason": f"{type(e).__name__}: {str(e)[:200]}"}
-    if before_timing is not None:
+    floor = None
+    if layer in ("s4d", "s4"):
+        floor = floor_call(layer, B, H, L, mode=mode, device=device, channels=m.channels,
+                           dtype=m.out.weight.dtype)
+        res["activation_bytes"] = activation_bytes(layer, B, H, L, channels=m.channels,
+                                                   bidirectional=m.bidirectional,
+                                                   out_itemsize=torch.finfo(m.out.weight.dtype).bits // 8)
+    res = time_case(res, call, device=device, case=case, floor=floor)
+    if before_timing is not None and res.get("status") == "OK":
+        # CPU memory: one call of the layer alone, after the timed (interleaved) calls, with the
+        # heap made to follow live memory (buffers cached by the timed calls would hide growth)
+        from experiments.bench.timing import exact_heap_accounting
+        res["mem_heap"] = "malloc_trim + mmap threshold 64 KiB" if exact_heap_accounting() else "default"
         before_timing()
-    return time_case(res, call, device=device, case=case)
+        call()
+    return res

@@ -1,6 +1,7 @@
-"""Benchmark output (issue 7): header line, fixed-width tables, the JSON file with every raw
-number, log-log PNG plots (time vs L per provider / layer, memory vs L for layers) and the check of
-the targets the issues set.
+"""Benchmark output: header line, fixed-width tables, the JSON file with every raw number, log-log
+PNG plots (time vs L per provider / layer, memory vs L for layers) and the check of the targets
+(BENCHMARKS.md). Layer rows of S4/S4D also carry `x floor` (time over the floor timed alongside)
+and `x act` (peak memory over the activations the backward needs; see experiments/bench/layers.py).
 """
 from __future__ import annotations
 
@@ -52,11 +53,25 @@ def op_table(results: list[dict], *, gpu: bool) -> str:
     return _fmt(rows, heads)
 
 
+def x_act(r: dict) -> float | None:
+    """Peak memory over the activation bytes the layer's backward needs (None when either is missing)."""
+    if r.get("mem_bytes") is None or not r.get("activation_bytes"):
+        return None
+    return r["mem_bytes"] / r["activation_bytes"]
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def layer_table(results: list[dict]) -> str:
-    heads = ["layer", "mode", "B", "H", "N", "L", "median ms", "p20 ms", "p80 ms", "peak MiB", "note"]
+    heads = ["layer", "mode", "B", "H", "N", "L", "median ms", "p20 ms", "p80 ms", "floor ms", "x floor",
+             "x floor cpu", "peak MiB", "act MiB", "x act", "note"]
     rows = [[r["layer"], r["mode"], str(r["B"]), str(r["H"]), "-" if r["N"] is None else str(r["N"]), str(r["L"]),
-             _ms(r, "median_s"),
-             _ms(r, "p20_s"), _ms(r, "p80_s"), _mib(r), _note(r)] for r in results]
+             _ms(r, "median_s"), _ms(r, "p20_s"), _ms(r, "p80_s"), _ms(r, "floor_median_s"), _x(r.get("x_floor")),
+             _x(r.get("x_floor_cpu")), _mib(r),
+             f"{r['activation_bytes'] / 2**20:.1f}" if r.get("activation_bytes") else "-", _x(x_act(r)), _note(r)]
+            for r in results]
     return _fmt(rows, heads)
 
 
@@ -71,6 +86,16 @@ def targets(results: list[dict], *, device: str) -> list[str]:
     """The issues' targets, checked against the rows that were measured (absent rows say so)."""
     out = []
     if device == "cpu":
+        for layer, f_max, m_max in (("s4d", 1.5, 350), ("s4", 2.0, 500)):
+            r = _find(results, layer=layer, mode="fwdbwd", B=1, H=256, N=64, L=16384)
+            if r is None or r.get("x_floor") is None:
+                out.append(f"{layer} fwd+bwd B=1 H=256 N=64 L=16384 (<= {f_max}x floor, <= {m_max} MB): not measured")
+                continue
+            mem = r.get("mem_bytes")
+            ok = r["x_floor"] <= f_max and mem is not None and mem / 1e6 <= m_max
+            out.append(f"{layer} fwd+bwd B=1 H=256 N=64 L=16384: {r['x_floor']:.2f}x floor "
+                       f"(cpu time {_x(r.get('x_floor_cpu'))}x), {'-' if mem is None else f'{mem / 1e6:.0f}'} MB, "
+                       f"{_x(x_act(r))}x activations (target <= {f_max}x, <= {m_max} MB): {'MET' if ok else 'MISSED'}")
         for layer, t_max, m_max in (("s4d", 1.0, 500), ("s4", 3.5, 1024)):
             r = _find(results, layer=layer, mode="fwdbwd", B=1, H=256, N=64, L=16384)
             if r is None:
@@ -172,12 +197,16 @@ def markdown(header: dict, results: list[dict]) -> str:
         if r.get("status") != "OK":
             return r.get("status", "").lower()
         t = f"{r['median_s'] * 1e3:.4g}"
-        return t + (f" / {r['mem_bytes'] / 2**20:.4g}" if mem and r.get("mem_bytes") is not None else "")
+        t += f" / {r['mem_bytes'] / 2**20:.4g}" if mem and r.get("mem_bytes") is not None else ""
+        if r.get("x_floor") is not None:
+            t += f" ({r['x_floor']:.2f}x floor" + (f", {x_act(r):.2f}x act" if x_act(r) is not None else "") + ")"
+        return t
 
     out = [f"Device: {header['device_name']}; torch {header['torch']}; triton {header['triton']}; "
            f"commit {header['commit']}; {header['date']}", f"Command: `{header['command']}`", ""]
     for kind, keys, mem, unit in (("op", ("op", "H", "N", "provider", "mode"), False, "median ms"),
-                                  ("layer", ("layer", "B", "H", "N", "mode"), True, "median ms / peak MiB")):
+                                  ("layer", ("layer", "B", "H", "N", "mode"), True,
+                                   "median ms / peak MiB (x floor, x act)")):
         rows = [r for r in results if r.get("kind") == kind]
         if not rows:
             continue

@@ -1,11 +1,13 @@
-"""Timing, memory and environment helpers for the benchmark runner (CONVENTIONS: Experiments and
-benchmarks; issue 7).
+"""Timing, memory and environment helpers for the benchmark runner (see BENCHMARKS.md).
 
 - CUDA: device events around each call after a warm-up; peak memory from `max_memory_allocated`.
 - CPU: `time.perf_counter` around each call after a warm-up; peak memory is the growth of
   `ru_maxrss` in a FRESH process running one case (`run_isolated` -> `experiments.bench.child`).
 - Repeats adapt to a per-case time budget so slow cases (the materializing formula at large L)
   still finish: the first timed call decides how many more fit, never fewer than one in total.
+- Layers with a floor (the S4 layers' irreducible Linear + FFT work) time it in the same loop,
+  alternating with the layer (`time_interleaved`), and report the ratio; on the CPU also in process
+  CPU time. CPU memory is then measured over one more call with `exact_heap_accounting` on.
 """
 from __future__ import annotations
 
@@ -101,13 +103,49 @@ def cuda_peak_bytes(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def time_case(res: dict, call: Callable[[], object], *, device: str, case: dict) -> dict:
+def time_interleaved(call: Callable[[], object], floor: Callable[[], object], *, device: str, repeats: int,
+                     budget_s: float) -> dict:
+    """Time `call` (already warmed up) and `floor` alternately, so both see the same machine load.
+
+    Returns `call`'s summary plus `floor_*` (the floor's median and raw times), `x_floor` (median
+    call / median floor) and, on the CPU, the same for process CPU time (`cpu_*`), which a busy
+    machine inflates less than wall time (single-threaded it excludes time spent waiting for a core).
+    """
+    floor()
+    _sync(device)
+    wall, fwall, cpu, fcpu = [], [], [], []
+    for i in range(max(1, repeats)):
+        for fn, w, c in ((call, wall, cpu), (floor, fwall, fcpu)):
+            c0 = time.process_time()
+            w.append(_time_once(fn, device))
+            c.append(time.process_time() - c0)
+        if i == 0:
+            repeats = min(repeats, max(1, int(budget_s / max(wall[0] + fwall[0], 1e-9))))
+        if len(wall) >= repeats:
+            break
+    out = summarize(wall)
+    out.update(floor_median_s=statistics.median(fwall), floor_times_s=fwall,
+               x_floor=statistics.median(wall) / statistics.median(fwall))
+    if device == "cpu":
+        out.update(cpu_median_s=statistics.median(cpu), cpu_times_s=cpu, floor_cpu_median_s=statistics.median(fcpu),
+                   floor_cpu_times_s=fcpu, x_floor_cpu=statistics.median(cpu) / statistics.median(fcpu),
+                   loadavg=list(os.getloadavg()))
+    return out
+
+
+def time_case(res: dict, call: Callable[[], object], *, device: str, case: dict,
+              floor: Callable[[], object] | None = None) -> dict:
     """Time `call` (already run once: that was the warm-up) into `res`; on CUDA add its peak memory.
+    With `floor`, the floor is timed in the same loop, call and floor alternating (`time_interleaved`).
 
     Returns `res` with status OK, or a copy with status OOM / FAILED and the reason.
     """
     try:
-        res.update(time_fn(call, device=device, repeats=case["repeats"], budget_s=case["budget_s"], warmup=0))
+        if floor is None:
+            res.update(time_fn(call, device=device, repeats=case["repeats"], budget_s=case["budget_s"], warmup=0))
+        else:
+            res.update(time_interleaved(call, floor, device=device, repeats=case["repeats"],
+                                        budget_s=case["budget_s"]))
         if device == "cuda":
             res["mem_bytes"] = cuda_peak_bytes(call)
     except torch.cuda.OutOfMemoryError:
@@ -147,6 +185,24 @@ def rss_now_bytes() -> int:
 
 def rss_peak_bytes() -> int:
     return _proc_status_kib("VmHWM") * 1024
+
+
+def exact_heap_accounting() -> bool:
+    """Make RSS follow live memory from here on (glibc only): hand free heap pages back to the OS
+    (`malloc_trim`) and serve every allocation of 64 KiB or more by its own mapping, unmapped when
+    freed (`mallopt(M_MMAP_THRESHOLD)`). Without this, buffers freed by earlier calls stay resident
+    and a later call that reuses them shows no RSS growth for them. Slows allocation: call it only
+    after the timed calls. False where glibc is not found."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3
+        ok = libc.mallopt(m_mmap_threshold, 64 * 1024) == 1
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
 
 
 def run_isolated(case: dict, *, timeout_s: float, env: dict | None = None) -> dict:

@@ -273,6 +273,10 @@ class S4(nn.Module):
         if state.device != self.log_dt.device:
             raise ValueError(f"state must be on the layer's device {self.log_dt.device}, got {state.device}")
 
+    # Keep the input spectrum for the backward (True: fastest) or recompute it there (False: one
+    # more FFT per call, 2 x B*H*L*4 bytes less kept between forward and backward).
+    save_spectrum = True
+
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None, *, rate: float | None = None):
         """x (B, L, H) -> (y (B, L, H), next_state). next_state is None unless `state` is given.
@@ -299,9 +303,9 @@ class S4(nn.Module):
             else:
                 K = filters.dplr_filter(Lam, P, B, self._ct(Lam, P, B, C, dt, L, rate), dt * rate, L,
                                         backend=self.backend)
-            k_rev = K[c:] if self.bidirectional else None
-            y = fftconv(u.unsqueeze(1), K[:c], k_rev)                  # (B, c, H, L)
-            y = y + self.D.float()[:, :, None] * u.unsqueeze(1)        # (B, c, H, L)
+            k, k_rev = (K[:c], K[c:]) if self.bidirectional else (K, None)   # no slice: no slice backward
+            # the D skip rides in the same FFT (lag 0 of the filter)
+            y = fftconv(u.unsqueeze(1), k, k_rev, self.D, save_spectrum=self.save_spectrum)  # (B, c, H, L)
             if state is not None and self.mode == "diag":
                 y = y + diag_state_response(C, log_z, state.to(C.dtype), L, backend=self.backend)
                 next_state = diag_next_state(u, log_z, Bb, state.to(C.dtype), lengths)
@@ -311,7 +315,20 @@ class S4(nn.Module):
                 s128 = state.to(torch.complex128)
                 y = y + dense_state_response(Cf, Ab, s128, L).to(y.dtype)
                 next_state = dense_next_state(u.double(), Ab, Bbf, s128, lengths).to(state.dtype)
-        return self._output(y.permute(0, 3, 1, 2).reshape(Bsz, L, c * H)), next_state
+        return self._project(y), next_state
+
+    def _project(self, y: torch.Tensor) -> torch.Tensor:
+        """Activation, dropout and output Linear + GLU of the (B, c, H, L) SSM output -> (B, L, H).
+
+        The Linear reads the channel-major activations through a transposed view (BLAS takes the
+        transpose, no copy for B = 1), so no (B, L, c*H) copy of y is made.
+        """
+        Bsz, c, H, L = y.shape
+        if not torch.is_autocast_enabled(y.device.type):
+            y = y.to(self.out.weight.dtype)                            # model cast to bf16/fp16/fp64
+        a = self.dropout(self.act(y))                                  # (B, c, H, L)
+        z = self.out(a.reshape(Bsz, c * H, L).transpose(1, 2))         # (B, L, 2H)
+        return nn.functional.glu(z, dim=-1)                            # (B, L, H)
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         if not torch.is_autocast_enabled(y.device.type):

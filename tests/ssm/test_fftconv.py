@@ -1,4 +1,4 @@
-"""FFT convolution and the closed-form state algebra (SPEC 3) against direct float64 loops."""
+"""FFT convolution (+ skip) and the closed-form state algebra (docs/s4.md) against direct float64 loops."""
 import pytest
 import torch
 
@@ -105,3 +105,82 @@ def test_fftconv_gradients_match_autograd_of_the_direct_sum(bidirectional):
     want = torch.autograd.grad((_direct_conv(u, k, k_rev) * g).sum(), inputs)
     for name, a, b in zip(("u", "k", "k_rev"), got, want):
         assert_close(a, b, dtype=torch.float32, atol=1e-5, name=f"grad {name}")
+
+
+# ---- the fused convolution + skip (the S4 forward path) ---------------------------------------
+
+def _direct_conv_skip(u, k, d, k_rev=None):
+    """Plain float64 composition: direct causal (and anti-causal) sum, then the skip d * u."""
+    return _direct_conv(u, k, k_rev) + d.unsqueeze(-1) * u
+
+
+@pytest.mark.parametrize("save_spectrum", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_conv_skip_forward_and_gradients_match_direct_float64(monkeypatch, save_spectrum, bidirectional, blocked):
+    import ssm.fftconv as fc
+    if blocked:  # one channel per block: the block loop and its gradient assembly run
+        monkeypatch.setattr(fc, "BLOCK_BYTES", 1)
+    B, c, H, L = 2, 2, 3, 13
+    u = torch.randn(B, 1, H, L, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(c, H, L, dtype=torch.float64, requires_grad=True)
+    k_rev = torch.randn(c, H, L, dtype=torch.float64, requires_grad=True) if bidirectional else None
+    d = torch.randn(c, H, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(B, c, H, L, dtype=torch.float64)
+    inputs = [u, k, d] + ([k_rev] if bidirectional else [])
+    y = fftconv(u, k, k_rev, d, save_spectrum=save_spectrum)
+    want_y = _direct_conv_skip(u, k, d, k_rev)
+    assert y.dtype == torch.float32
+    atol = 3e-7 * L  # float32 FFT on purpose (module docstring); rounding grows with the sum length
+    assert_close(y, want_y, dtype=torch.float32, atol=atol, name="y")
+    got = torch.autograd.grad((y * g).sum(), inputs)
+    want = torch.autograd.grad((want_y * g).sum(), inputs)
+    for name, a, b in zip(("u", "k", "d", "k_rev"), got, want):
+        assert a.shape == b.shape, name
+        assert_close(a, b, dtype=torch.float32, atol=1e-5, name=f"grad {name}")
+
+
+def test_conv_skip_short_filter_broadcast_and_vector():
+    u = torch.randn(4, 1, 20, dtype=torch.float64, requires_grad=True)     # broadcast over 3 filter rows
+    k = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 3, 20, dtype=torch.float64)
+    y = fftconv(u, k, d=d)
+    want_y = _direct_conv_skip(u, k, d)
+    assert_close(y, want_y, dtype=torch.float32, atol=1e-5, name="y")
+    for name, a, b in zip("ukd", torch.autograd.grad((y * g).sum(), [u, k, d]),
+                          torch.autograd.grad((want_y * g).sum(), [u, k, d])):
+        assert_close(a, b, dtype=torch.float32, atol=1e-5, name=f"grad {name}")
+    v, w = torch.randn(9, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    assert fftconv(v, w).shape == (9,)
+    assert_close(fftconv(v, w), _direct_conv(v[None], w[None])[0], dtype=torch.float32, atol=1e-5, name="1-D")
+
+
+def test_fft_length_is_the_smallest_5_smooth_length_of_at_least_2L():
+    from ssm.fftconv import fft_length
+
+    def smooth(m):
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    for L in list(range(1, 300)) + [1000, 10007, 16384, 65536]:
+        n = fft_length(L)
+        assert n >= 2 * L and smooth(n), (L, n)
+        assert not any(smooth(m) for m in range(2 * L, n)), (L, n)
+    assert fft_length(16384) == 32768 and fft_length(10007) == 20250
+
+
+def test_conv_skip_compiles_forward_and_backward():
+    u = torch.randn(2, 1, 3, 16, requires_grad=True)
+    k = torch.randn(1, 3, 16, requires_grad=True)
+    d = torch.randn(1, 3, requires_grad=True)
+
+    def f(u, k, d):
+        return (fftconv(u, k, d=d) ** 2).sum()
+
+    want = torch.autograd.grad(f(u, k, d), [u, k, d])
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(u, k, d), [u, k, d])
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-5, atol=1e-5, name="compiled gradient")
