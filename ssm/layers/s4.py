@@ -326,8 +326,8 @@ class S4(nn.Module):
         Bsz, c, H, L = y.shape
         if not torch.is_autocast_enabled(y.device.type):
             y = y.to(self.out.weight.dtype)                            # model cast to bf16/fp16/fp64
-        a = self.dropout(self.act(y))                                  # (B, c, H, L)
-        z = self.out(a.reshape(Bsz, c * H, L).transpose(1, 2))         # (B, L, 2H)
+        a = self.act(y).reshape(Bsz, c * H, L).transpose(1, 2)         # (B, L, c*H) view
+        z = self.out(self.dropout(a))                                  # (B, L, 2H); tied mask per (B, c*H)
         return nn.functional.glu(z, dim=-1)                            # (B, L, H)
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
