@@ -153,30 +153,16 @@ def build_model(cfg: Config, *, n_classes: int | None = None, vocab_size: int | 
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    """AdamW parameter groups of the configured optimizer settings.
+    """AdamW parameter groups of the configured optimizer settings (`ssm.param_groups`).
 
-    Parameters carrying `_optim` (the SSM's A, B, P, dt) get their own lr (None or absent: `optim.lr`)
-    and weight decay (default 0); the others get `optim.lr` and `optim.weight_decay`, except vectors
-    (biases, norm scales) which get no decay unless `optim.decay_vectors` (the public setups decay them).
+    Parameters carrying `_optim` (the SSM's A, B, P, dt) get their own lr (absent: `optim.lr`) and no
+    weight decay; the others get `optim.lr` and `optim.weight_decay`, except vectors (biases, norm
+    scales), which get no decay unless `optim.decay_vectors` (the public setups decay them).
     """
+    from ssm.layers.params import param_groups as ssm_param_groups
+
     o = cfg.optim
-    decay, no_decay, special = [], [], {}
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        hp = getattr(p, "_optim", None)
-        if hp is not None:
-            hp = {"weight_decay": 0.0, **hp}
-            hp["lr"] = o.lr if hp.get("lr") is None else hp["lr"]
-            special.setdefault(tuple(sorted(hp.items())), []).append(p)
-        elif p.dim() >= 2 or o.decay_vectors:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [{"params": ps, "lr": o.lr, "weight_decay": wd} for ps, wd in ((decay, o.weight_decay), (no_decay, 0.0))
-              if ps]
-    groups += [{"params": ps, **dict(key)} for key, ps in special.items()]
-    return groups
+    return ssm_param_groups(model, o.lr, o.weight_decay, decay_vectors=o.decay_vectors)
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:

@@ -37,7 +37,7 @@ from experiments.lra import checkpoint as ckpt_io
 from experiments.lra import config as C
 from experiments.lra.config import MODELS, PRESETS, TASKS, Config, apply_overrides, format_config, preset_config
 from experiments.lra.config import split_overrides
-from experiments.lra.models import build_model
+from experiments.lra.models import build_model, make_optimizer
 from experiments.lra.tasks import Task
 from experiments.lra.tasks import task as task_facts
 
@@ -129,20 +129,6 @@ def validate_config(cfg: Config) -> None:
 def lr_factor(step: int, *, optim, total: int) -> float:
     """The schedule's multiplier before optimizer step `step` (formulas: `config.lr_multiplier`)."""
     return C.lr_multiplier(optim, step, total)
-
-
-def optimizer_groups(model: torch.nn.Module, optim) -> list[dict]:
-    """`ssm.param_groups`; with `optim.decay_vectors` the vectors outside the SSM's own groups
-    (biases, norm scales) get weight decay as well."""
-    from ssm.layers.params import param_groups
-
-    groups = param_groups(model, optim.lr, optim.weight_decay)
-    if getattr(optim, "decay_vectors", False):
-        tagged = {id(p) for p in model.parameters() if getattr(p, "_optim", None) is not None}
-        for g in groups:
-            if g["weight_decay"] == 0.0 and not any(id(p) in tagged for p in g["params"]):
-                g["weight_decay"] = optim.weight_decay
-    return groups
 
 
 # --- setup -------------------------------------------------------------------------------------
@@ -248,8 +234,7 @@ def build(cfg: Config, rt: Runtime, splits: dict, out: Path) -> Trainer:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, device=rt.device)  # sizes from the task table and config.sequence_length
     o = cfg.optim
-    optimizer = torch.optim.AdamW(optimizer_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                  weight_decay=o.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     ddp_model = model
     if rt.world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(

@@ -13,11 +13,13 @@ from __future__ import annotations
 from torch import nn
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float, *, decay_vectors: bool = False) -> list[dict]:
     """Groups for `torch.optim.AdamW(param_groups(model, lr, wd))`; each parameter appears once.
 
     Order: decayed plain parameters, undecayed plain parameters, then one group per distinct
     `_optim` setting in order of first appearance; every group states its "lr" and "weight_decay".
+    `decay_vectors=True` also decays the untagged vectors (biases, norm scales), as the public S4
+    and LRA setups do.
     """
     decay, no_decay, special = [], [], {}
     for p in model.parameters():
@@ -28,7 +30,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
             settings = {"lr": lr, "weight_decay": weight_decay if p.dim() >= 2 else 0.0, **hp}
             key = tuple(sorted(settings.items()))
             special.setdefault(key, []).append(p)
-        elif p.dim() >= 2:
+        elif p.dim() >= 2 or decay_vectors:
             decay.append(p)
         else:
             no_decay.append(p)

@@ -264,3 +264,20 @@ def test_package_all_lists_exactly_what_it_serves():
         assert name in ssm.__all__
     with pytest.raises(AttributeError, match="no attribute"):
         ssm.not_a_name
+
+
+def test_param_groups_decay_vectors_decays_biases_but_never_ssm_params():
+    import ssm
+    m = ssm.S4Block(8, d_state=8, backend="torch")
+    tagged = {id(p) for p in m.parameters() if getattr(p, "_optim", None) is not None}
+    for dv in (False, True):
+        groups = ssm.param_groups(m, lr=1e-2, weight_decay=0.1, decay_vectors=dv)
+        wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+        assert len(wd) == sum(1 for _ in m.parameters())                 # each parameter once
+        for name, p in m.named_parameters():
+            if id(p) in tagged:
+                assert wd[id(p)] == 0.0, name
+            elif p.dim() < 2:
+                assert wd[id(p)] == (0.1 if dv else 0.0), name
+            else:
+                assert wd[id(p)] == 0.1, name
