@@ -101,3 +101,17 @@ def assert_within_budget(fast, plain, truth, *, name: str = "tensor", factor: fl
     if not e_fast <= factor * e_plain + atol:
         raise AssertionError(f"{name}: error {e_fast:.3e} exceeds budget {factor}x plain error "
                              f"{e_plain:.3e} + atol {atol:.1e}")
+
+
+def run_steps(layer, x: torch.Tensor, state=None):
+    """Feed (B, L, H) `x` through `layer.step` one position at a time under no_grad.
+
+    `state=None` starts from `layer.default_state(B)`. Returns (ys (B, L, H), final state).
+    """
+    state = layer.default_state(x.shape[0]) if state is None else state
+    ys = []
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            y, state = layer.step(x[:, t], state)
+            ys.append(y)
+    return torch.stack(ys, 1), state

@@ -8,7 +8,7 @@ from ssm import filters
 from ssm.layers.block import S4Block
 from ssm.layers.params import param_groups
 from ssm.layers.s4 import S4
-from tests.utils import assert_close
+from tests.utils import assert_close, run_steps
 
 CONFIGS = [
     dict(mode="diag"),
@@ -24,15 +24,6 @@ def _layer(cfg, H=4, N=8, **kw):
     return S4(H, N, dt_min=0.01, dt_max=0.5, backend="torch", **cfg, **kw).eval()
 
 
-def _run_steps(m, x, state):
-    ys = []
-    with torch.no_grad():
-        for t in range(x.shape[1]):
-            y, state = m.step(x[:, t], state)
-            ys.append(y)
-    return torch.stack(ys, 1), state
-
-
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_conv_equals_step_and_chunks_equal_whole(cfg):
     m = _layer(cfg)
@@ -44,9 +35,9 @@ def test_conv_equals_step_and_chunks_equal_whole(cfg):
         y_state, s_whole = m(x, s0)
         y1, s1 = m(x[:, :10], s0)
         y2, s2 = m(x[:, 10:], s1)
-    y_step, s_step = _run_steps(m, x, m.default_state(2))
+    y_step, s_step = run_steps(m, x, m.default_state(2))
     assert_close(y_step, y, rtol=1e-5, atol=1e-5, name="step vs conv")
-    y_step, s_step = _run_steps(m, x, s0)
+    y_step, s_step = run_steps(m, x, s0)
     assert_close(y_step, y_state, rtol=1e-5, atol=1e-5, name="step vs conv from a state")
     assert_close(s_step, s_whole, rtol=1e-5, atol=1e-5, name="final state")
     assert_close(torch.cat([y1, y2], 1), y_state, rtol=1e-5, atol=1e-5, name="chunked output")
@@ -227,6 +218,6 @@ def test_default_backend_path_conv_equals_step(mode):
     x = torch.randn(1, 12, 2)
     with torch.no_grad():
         y, _ = m(x)
-    assert_close(_run_steps(m, x, m.default_state(1))[0], y, rtol=1e-5, atol=1e-5, name=f"{mode} auto")
+    assert_close(run_steps(m, x, m.default_state(1))[0], y, rtol=1e-5, atol=1e-5, name=f"{mode} auto")
     m(x)[0].sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())

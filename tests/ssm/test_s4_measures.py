@@ -7,7 +7,7 @@ from ssm import hippo
 from ssm.discretize import discretize
 from ssm.layers.s4 import S4
 from ssm.layers.s4_init import REAL_FLOOR, nplr_basis, real_floor_shift
-from tests.utils import assert_close
+from tests.utils import assert_close, run_steps
 
 INITS = ["legs", "legt", "lagt", "fout", "hippo"]
 H, N = 4, 16
@@ -85,15 +85,6 @@ def test_filter_equals_dense_float64_recurrence_in_the_measure_basis(init):
     assert_close(got, want.float(), rtol=1e-4, atol=1e-5 * float(want.abs().max()), name=f"{init} filter")
 
 
-def _run_steps(m, x, state):
-    ys = []
-    with torch.no_grad():
-        for t in range(x.shape[1]):
-            y, state = m.step(x[:, t], state)
-            ys.append(y)
-    return torch.stack(ys, 1), state
-
-
 @pytest.mark.parametrize("init", INITS)
 def test_conv_equals_step_equals_chunks(init):
     m = _layer(init, channels=2)
@@ -108,8 +99,8 @@ def test_conv_equals_step_equals_chunks(init):
     # the float32 Cauchy filter cancels a 1/REAL_FLOOR pole, which costs the conv path ~3e-5 at
     # dt = 0.5 (1e-6 at the default dt <= 0.1); the step is accurate to 1e-6 (test_s4_step)
     tol = 1e-4 if init in ("fout", "hippo") else 1e-5
-    assert_close(_run_steps(m, x, m.default_state(2))[0], y, rtol=1e-5, atol=tol, name="step vs conv")
-    y_step, s_step = _run_steps(m, x, s0)
+    assert_close(run_steps(m, x, m.default_state(2))[0], y, rtol=1e-5, atol=tol, name="step vs conv")
+    y_step, s_step = run_steps(m, x, s0)
     assert_close(y_step, y_state, rtol=1e-5, atol=tol, name="step vs conv from a state")
     assert_close(s_step, s_whole, rtol=1e-5, atol=1e-5, name="final state")
     assert_close(torch.cat([y1, y2], 1), y_state, rtol=1e-5, atol=tol, name="chunked output")

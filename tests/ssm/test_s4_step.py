@@ -6,7 +6,7 @@ import torch
 from ssm import filters
 from ssm.layers.s4 import S4
 from ssm.layers.s4_step import dplr_step_system
-from tests.utils import assert_close
+from tests.utils import assert_close, run_steps
 
 H, N = 4, 16
 
@@ -32,16 +32,6 @@ def _dense_reference(m, x):
         return m._output(y.transpose(-1, -2).reshape(x.shape[0], x.shape[1], -1).float()), s
 
 
-def _stream(m, x, state=None):
-    state = m.default_state(x.shape[0]) if state is None else state
-    ys = []
-    with torch.no_grad():
-        for t in range(x.shape[1]):
-            y, state = m.step(x[:, t], state)
-            ys.append(y)
-    return torch.stack(ys, 1), state
-
-
 def test_dplr_step_system_is_the_dense_bilinear_system():
     m = _layer("legt", rank=3)
     Lam, B, _, P, dt = (t.detach().cdouble() if t.is_complex() else t.detach().double() for t in m._params())
@@ -57,7 +47,7 @@ def test_dplr_step_system_is_the_dense_bilinear_system():
 def test_step_equals_dense_float64_step_over_10000_steps(init):
     m = _layer(init, dt_min=1e-3, dt_max=1e-1)
     x = torch.randn(2, 10_000, H)
-    y, s = _stream(m, x)
+    y, s = run_steps(m, x)
     y_ref, s_ref = _dense_reference(m, x)
     # target 1e-5. LagT's A is one Jordan block: any float32 recurrence of it (the dense complex64
     # step too) amplifies rounding, measured 4e-5 after 3,000 and 1.3e-4 after 10,000 steps at N=64
@@ -71,7 +61,7 @@ def test_step_reuses_its_cache_and_setup_step_builds_it():
     m.setup_step()
     cache = m._step_cache
     assert cache is not None and cache[1][0] == "dplr"
-    _stream(m, torch.randn(1, 3, H))
+    run_steps(m, torch.randn(1, 3, H))
     assert m._step_cache is cache
     m.setup_step(dense=True)
     assert m._step_cache[1][0] == "dense"
@@ -82,9 +72,9 @@ def test_step_reuses_its_cache_and_setup_step_builds_it():
 def test_dense_and_dplr_steps_agree():
     m = _layer("legt")
     x = torch.randn(2, 50, H)
-    y_dplr, s_dplr = _stream(m, x)
+    y_dplr, s_dplr = run_steps(m, x)
     m.setup_step(dense=True)
-    y_dense, s_dense = _stream(m, x)
+    y_dense, s_dense = run_steps(m, x)
     assert_close(y_dplr, y_dense, rtol=1e-5, atol=1e-5, name="dplr vs dense step")
     assert_close(s_dplr, s_dense, rtol=1e-5, atol=1e-5, name="states")
 
@@ -124,7 +114,7 @@ def test_states_pass_between_step_and_chunked_forward(init):
     with torch.no_grad():
         y_whole, s_whole = m(x, m.default_state(2))
         y1, s1 = m(x[:, :11], m.default_state(2))                       # forward -> step
-        y2, s2 = _stream(m, x[:, 11:20], s1)
+        y2, s2 = run_steps(m, x[:, 11:20], s1)
         y3, s3 = m(x[:, 20:], s2)                                       # step -> forward
     tol = 1e-4 if init == "fout" else 1e-5                              # FouT conv: see test_s4_measures
     assert_close(torch.cat([y1, y2, y3], 1), y_whole, rtol=1e-5, atol=tol, name="outputs")
