@@ -20,8 +20,8 @@ TEXT_SUFFIXES = {".py", ".md", ".txt", ".toml", ".cfg", ".ini", ".yaml", ".yml",
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _INLINE_CODE = re.compile(r"`[^`]*`")
 _LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
-# Names of team documents kept outside the repository (written in capitals), and issue numbers
-# ("issue 5", "issue #5", "issues 3"); the latter case-insensitive.
+# Names of team documents kept outside the repository (written in capitals), and references to
+# tracker entries: the word "issue" or "issues" followed by a number or "#" (case-insensitive).
 _FORBIDDEN = re.compile(r"SPEC section|SPEC §|\bSPEC\b|CONVENTIONS|(?i:\bissues?\s*#|\bissues?\s+\d)")
 
 
