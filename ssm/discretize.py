@@ -17,6 +17,16 @@
 
 `dt` is a float or a tensor whose shape broadcasts against the leading (batch) dims of A, e.g.
 `dt (3,)` with `A (N, N)` gives `Ab (3, N, N)`; `dt (H,)` with diagonal `A (H, N)` gives `(H, N)`.
+
+Per-token schemes of the selective layers (docs/selective.md, docs/mamba3.md), where `dt`, `B`
+and possibly `A` change from token to token:
+- `selective_discretize_diag(A, B, dt, method)` / `selective_discretize(A, B, dt, method)`:
+  `"exp_euler"` (`Ab = exp(dt A)`, `Bb = dt B`, what Mamba and Mamba-2 use) or `"zoh"` (exact
+  for an input held constant over the step). The diagonal form broadcasts `A`, `B`, `dt`
+  elementwise (no implicit trailing dim for dt: pass `dt[..., None]` for a state axis).
+- `exp_trapezoid_diag(A, dt, lam)` / `exp_trapezoid(A, dt, lam)`: the exponential-trapezoidal
+  rule of Mamba-3, `x_t = Ab x_{t-1} + w_prev (B u)_{t-1} + w_new (B u)_t` with
+  `w_new = lam dt`, `w_prev = (1 - lam) dt exp(dt A)`.
 """
 from __future__ import annotations
 
@@ -249,3 +259,145 @@ def dt_from_param(param: torch.Tensor, transform: str = "exp") -> torch.Tensor:
     """dt from its stored parameter: `exp(param)` or `softplus(param)` (both > 0)."""
     _check_transform(transform)
     return torch.exp(param) if transform == "exp" else torch.nn.functional.softplus(param)
+
+
+SELECTIVE_METHODS = ("exp_euler", "zoh")
+
+
+def _selective_method(method: str) -> None:
+    if method not in SELECTIVE_METHODS:
+        raise ValueError(f"method must be one of {SELECTIVE_METHODS}, got {method!r}")
+
+
+def _as_lam(lam, ref: torch.Tensor, check: bool) -> torch.Tensor:
+    """The trapezoid weight as a real tensor, checked to lie in [0, 1] unless `check=False`."""
+    if isinstance(lam, torch.Tensor):
+        if lam.is_complex() or not lam.is_floating_point():
+            raise TypeError(f"lam must be a real floating tensor, got {lam.dtype}")
+        lam_t = lam.to(ref.device)
+    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        lam_t = torch.tensor(float(lam), device=ref.device, dtype=ref.real.dtype)
+    else:
+        raise TypeError(f"lam must be a float or a real tensor, got {type(lam).__name__}")
+    if check and not torch.compiler.is_compiling():
+        bad = (lam_t.detach() < 0) | (lam_t.detach() > 1)
+        if bool(bad.any()):
+            raise ValueError(f"lam must lie in [0, 1], got values in [{float(lam_t.min())}, {float(lam_t.max())}]")
+    return lam_t
+
+
+# Below |dt A| = _SERIES_RADIUS the ZOH gain is a Taylor polynomial: the closed form's value is
+# accurate there, but autograd's d/dA of `expm1(dt A) / A` cancels (relative error eps/|dt A|).
+_SERIES_RADIUS = 0.1
+_SERIES_TERMS = 10  # 0.1^10 / 11! < 3e-18: the polynomial is exact to float64 rounding
+
+
+def _zoh_gain(A: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """`(exp(dt A) - 1) / A` elementwise (broadcast of A and dt), `dt` at `A == 0`.
+
+    Large `|dt A|`: `expm1(dt A) / A` (its d/d(dt) is `exp(dt A)`, free of cancellation). Small:
+    `dt sum_k (dt A)^k / (k+1)!` by Horner. Each branch sees only inputs it is valid for (double
+    `where`), so neither can put a NaN into the other's gradient.
+    """
+    dtA = dt * A
+    small = dtA.abs() < _SERIES_RADIUS
+    z = torch.where(small, dtA, torch.zeros_like(dtA))
+    poly = torch.full_like(z, 1.0 / math.factorial(_SERIES_TERMS))
+    for k in range(_SERIES_TERMS - 1, 0, -1):
+        poly = poly * z + 1.0 / math.factorial(k)
+    safe = torch.where(small, torch.ones_like(dtA), A.to(dtA.dtype).expand_as(dtA))
+    return torch.where(small, dt * poly, expm1c(torch.where(small, torch.zeros_like(dtA), dtA)) / safe)
+
+
+def selective_discretize_diag(A: torch.Tensor, B: torch.Tensor, dt, method: str, *,
+                              check: bool = True):
+    """Per-token discretization of a diagonal `A` -> `(Ab, Bb)`, all elementwise.
+
+    `A`, `B` and `dt` broadcast against each other (e.g. `A (H, N)`, `B (B, L, 1, N)`,
+    `dt (B, L, H, 1)` give `(B, L, H, N)`); A and B real or complex.
+    `"exp_euler"`: `Ab = exp(dt A)`, `Bb = dt B`. `"zoh"`: `Ab = exp(dt A)`,
+    `Bb = (exp(dt A) - 1) / A B`, by `expm1`, with the limit `dt B` at `A == 0`.
+    `check=False` skips the `dt > 0` check (a device sync).
+    """
+    _selective_method(method)
+    dt_t = _as_dt(dt, A, check)
+    try:
+        torch.broadcast_shapes(A.shape, B.shape, dt_t.shape)
+    except RuntimeError as e:
+        raise ValueError(f"A {tuple(A.shape)}, B {tuple(B.shape)} and dt {tuple(dt_t.shape)} "
+                         f"do not broadcast") from e
+    Ab = torch.exp(dt_t * A)  # (...)
+    if method == "exp_euler":
+        return Ab, dt_t * B
+    return Ab, _zoh_gain(A, dt_t) * B
+
+
+def _dense_shapes(A: torch.Tensor, B: torch.Tensor | None, **scalars: torch.Tensor) -> torch.Size:
+    """Broadcast leading shape of a dense `A (..., N, N)`, `B (..., N)` and per-system scalars."""
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A must have shape (..., N, N), got {tuple(A.shape)}")
+    N = A.shape[-1]
+    shapes = {"A": A.shape[:-2], **{k: v.shape for k, v in scalars.items()}}
+    if B is not None:
+        if B.dim() < 1 or B.shape[-1] != N:
+            raise ValueError(f"B must have shape (..., N) with N={N} matching A {tuple(A.shape)}, "
+                             f"got {tuple(B.shape)}")
+        shapes["B"] = B.shape[:-1]
+    try:
+        return torch.broadcast_shapes(*shapes.values())
+    except RuntimeError as e:
+        raise ValueError("leading dims do not broadcast: "
+                         + ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())) from e
+
+
+def selective_discretize(A: torch.Tensor, B: torch.Tensor, dt, method: str, *, check: bool = True):
+    """Per-token discretization of a dense `A (..., N, N)`, `B (..., N)` -> `(Ab, Bb)`.
+
+    `dt` broadcasts against the leading dims. `"exp_euler"`: `Ab = matrix_exp(dt A)`, `Bb = dt B`.
+    `"zoh"`: one matrix exponential of `dt [[A, B], [0, 0]]` (as `discretize`; singular A is fine).
+    """
+    _selective_method(method)
+    dt_t = _as_dt(dt, A, check)
+    batch = _dense_shapes(A, B, dt=dt_t)
+    if method == "zoh":
+        return discretize(A, B, dt_t, "zoh", check=False)
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), dt_t.dtype)
+    dtv = dt_t.to(dtype).expand(batch)  # (...)
+    Ab = torch.linalg.matrix_exp(dtv[..., None, None] * A.to(dtype))  # (..., N, N)
+    return Ab, dtv[..., None] * B.to(dtype)  # (..., N, N), (..., N)
+
+
+def exp_trapezoid_diag(A: torch.Tensor, dt, lam, *, check: bool = True):
+    """Exponential-trapezoidal coefficients for a diagonal `A`: `(Ab, w_new, w_prev)`.
+
+    The step is `x_t = Ab x_t-1 + w_prev g_(t-1) + w_new g_t` with the forcing `g = B u` at the
+    two ends of the step: the trapezoid rule (weight `lam` on the new end, `1 - lam` on the old
+    one) on the variation-of-constants integral, `Ab = exp(dt A)`, `w_new = lam dt`,
+    `w_prev = (1 - lam) dt exp(dt A)`. `lam = 1` is exponential Euler. A, dt, lam broadcast
+    elementwise; `w_new` has the broadcast shape of dt and lam only.
+    """
+    dt_t = _as_dt(dt, A, check)
+    lam_t = _as_lam(lam, A, check)
+    try:
+        torch.broadcast_shapes(A.shape, dt_t.shape, lam_t.shape)
+    except RuntimeError as e:
+        raise ValueError(f"A {tuple(A.shape)}, dt {tuple(dt_t.shape)} and lam {tuple(lam_t.shape)} "
+                         f"do not broadcast") from e
+    Ab = torch.exp(dt_t * A)  # (...)
+    return Ab, lam_t * dt_t, (1 - lam_t) * dt_t * Ab
+
+
+def exp_trapezoid(A: torch.Tensor, dt, lam, *, check: bool = True):
+    """Exponential-trapezoidal coefficients for a dense `A (..., N, N)`: `(Ab, w_new, w_prev)`.
+
+    `Ab = matrix_exp(dt A)` and `w_prev = (1 - lam) dt Ab` are `(..., N, N)`, `w_new = lam dt` is
+    `(...)` (a scalar per system); `dt` and `lam` broadcast against the leading dims of A.
+    """
+    dt_t = _as_dt(dt, A, check)
+    lam_t = _as_lam(lam, A, check)
+    batch = _dense_shapes(A, None, dt=dt_t, lam=lam_t)
+    dtype = torch.promote_types(A.dtype, torch.promote_types(dt_t.dtype, lam_t.dtype))
+    dtv = dt_t.to(dtype).expand(batch)  # (...)
+    lamv = lam_t.to(dtype).expand(batch)  # (...)
+    Ab = torch.linalg.matrix_exp(dtv[..., None, None] * A.to(dtype))  # (..., N, N)
+    return Ab, lamv * dtv, ((1 - lamv) * dtv)[..., None, None] * Ab
