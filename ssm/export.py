@@ -6,7 +6,7 @@ not seen):
 - Step form (`StepModel`, `export_step`): one position at a time, `forward(x_t, *states) ->
   (out_t, *next_states)`, one state tensor per layer. States are real: a layer's complex state
   (B, H, n) travels as `torch.view_as_real(state)`, (B, H, n, 2), because ONNX has no complex
-  tensors. Each S4 layer's recurrence is read off the layer's own `step` once (it is affine in
+  tensors. Each S4 layer's recurrence is read off its public `recurrence()` once (it is affine in
   the state and the input, so feeding it the basis states and a unit input gives its matrices)
   and replayed in real arithmetic: `y_t = W s_{t-1} + d u_t`, `s_t = M s_{t-1} + b u_t`, with `M`
   stored per mode (2 x 2 blocks) when the layer's transition is diagonal (S4D), as diagonal plus
@@ -55,20 +55,6 @@ def _check_model(model, *, streaming: bool) -> None:
                          "sequence); use pooling 'last', 'mean' or 'none'")
 
 
-class _ProbedOutput:
-    """Context that makes `layer._output` the identity, so `step` returns the SSM output itself."""
-
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
-
-    def __enter__(self):
-        self.layer._output = lambda y: y
-        return self.layer
-
-    def __exit__(self, *exc):
-        del self.layer._output
-
-
 @torch.no_grad()
 def _probe(layer: nn.Module):
     """Feed `layer.step` the 2n real basis states (input 0) and the zero state (input 1).
@@ -77,9 +63,8 @@ def _probe(layer: nn.Module):
     (in the `view_as_real` layout) and of the output functional come from basis state k; the
     last row is the response to a unit input.
     """
-    setup = getattr(layer, "setup_step", None)
-    if callable(setup):
-        setup()
+    layer.setup_step()
+    system = layer.recurrence()
     s0 = layer.default_state(1)
     if s0.dim() != 3 or not s0.is_complex():
         raise ValueError(f"model: expected a complex (B, H, n) layer state, got {tuple(s0.shape)} {s0.dtype}")
@@ -90,8 +75,8 @@ def _probe(layer: nn.Module):
     states = torch.cat([basis, torch.zeros_like(basis[:1])])                             # (2n+1, H, n)
     u = torch.zeros(m + 1, H, device=s0.device)
     u[m] = 1.0
-    with _ProbedOutput(layer):
-        y, s_new = layer.step(u, states)                                                 # (2n+1, c*H), (2n+1, H, n)
+    y, s_new = system.step(states, u)                                                     # (2n+1, c, H), (2n+1, H, n)
+    y = (y + layer.D.to(y.dtype) * u[:, None, :]).reshape(m + 1, -1)                     # (2n+1, c*H)
     return H, n, y.float(), torch.view_as_real(s_new.to(s0.dtype)).reshape(m + 1, H, m).float()
 
 
@@ -99,13 +84,10 @@ def _probe(layer: nn.Module):
 def _lowrank(layer: nn.Module, M: torch.Tensor):
     """(z (H, n, 2), E, F (H, r, n, 2)) when the layer steps with `z x - E^T (F x)` (S4's DPLR step
     system) and that form reproduces the probed transition M (H, 2n, 2n); otherwise None."""
-    recurrence = getattr(layer, "_recurrence", None)
-    if recurrence is None:
+    system = layer.recurrence()
+    if system.kind != "dplr":
         return None
-    kind, *system = recurrence(layer.rate)
-    if kind != "dplr" or len(system) != 5:
-        return None
-    z, E, F = (t.to(torch.complex64) for t in system[:3])                              # (H, n), (H, r, n) x2
+    z, E, F = (t.to(torch.complex64) for t in (system.z, system.E, system.F))          # (H, n), (H, r, n) x2
     H, n = z.shape
     dense = torch.diag_embed(z) - torch.einsum("hrn,hrm->hnm", E, F)                    # (H, n, n) complex
     # column j of the complex transition is the response to the real basis state e_j
@@ -149,7 +131,7 @@ class RealStep(nn.Module):
         self.register_buffer("W", y[:m].permute(1, 2, 0).contiguous())                    # (c, H, 2n)
         self.register_buffer("d", y[m].contiguous())                                      # (c, H)
         self.act, self.dropout, self.out = layer.act, layer.dropout, layer.out
-        self._layer_output = type(layer)._output
+        self._layer_output = type(layer).output
 
     def default_state(self, batch_size: int, device=None) -> torch.Tensor:
         device = self.b.device if device is None else device
@@ -242,7 +224,7 @@ class FrozenConv(nn.Module):
         self.register_buffer("D", layer.D.detach().float().clone())                       # (c, H)
         self.channels = c
         self.act, self.dropout, self.out = layer.act, layer.dropout, layer.out
-        self._layer_output = type(layer)._output
+        self._layer_output = type(layer).output
 
     def forward(self, x: torch.Tensor, state=None, lengths=None):
         if state is not None or lengths is not None:

@@ -109,8 +109,15 @@ class _ConvSkip(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the saved spectra come from the forward without autograd history
     def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the fused float32 FFT convolution (ssm.fftconv) has no double backward; "
+                               "a float64 layer (`.double()`) computes through plain differentiable ops")
+        return _ConvSkip._backward(ctx, grad)
+
+    @staticmethod
+    @once_differentiable  # the saved spectra come from the forward without autograd history
+    def _backward(ctx, grad):
         n, save_spectrum, u_shape, k_shape, d_shape = ctx.meta
         saved = ctx.saved_tensors
         saved_u, saved_k = saved[: len(saved) // 2], saved[len(saved) // 2:]
@@ -151,6 +158,8 @@ def fftconv(u: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None = None,
     if k.shape[-1] > L or (k_rev is not None and k_rev.shape[-1] > L):
         raise ValueError(f"fftconv: filter length {k.shape[-1]} exceeds sequence length {L}")
     n = fft_length(int(L))
+    if u.dtype == torch.float64:
+        return _fftconv_plain(u, k, k_rev, d, n)
     with no_autocast(u.device.type):
         u, k = u.float(), k.float()
         vector = u.dim() == 1 and k.dim() == 1
@@ -166,6 +175,18 @@ def fftconv(u: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None = None,
             k = torch.cat([k, pad, k_rev.flip(-1)], dim=-1)           # (..., n)
         y = _ConvSkip.apply(u, k, None if d is None else d.float(), n, save_spectrum)   # (..., L)
         return y[0] if vector else y
+
+
+def _fftconv_plain(u, k, k_rev, d, n: int) -> torch.Tensor:
+    """The same convolution in float64 from differentiable torch ops: the path of `.double()`
+    layers, through which `gradcheck`, double backward and `torch.func` transforms work."""
+    L = u.shape[-1]
+    k = k.to(u.dtype)
+    if k_rev is not None:
+        pad = torch.zeros(k.shape[:-1] + (n - k.shape[-1] - k_rev.shape[-1],), dtype=k.dtype, device=k.device)
+        k = torch.cat([k, pad, k_rev.to(u.dtype).flip(-1)], dim=-1)   # (..., n)
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
+    return y if d is None else y + d.to(u.dtype).unsqueeze(-1) * u
 
 
 def roll_left_padded(u: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

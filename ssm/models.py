@@ -1,11 +1,10 @@
 """Small backbones: encoder -> N residual blocks -> final norm -> pooling -> decoder.
 
 `SequenceModel` takes token ids (B, L) (`vocab_size`) or real features (B, L, d_input) (`d_input`)
-and stacks `S4Block`s (`layer="s4d"` diagonal, `"s4"` DPLR) or `TransformerBlock`s
-(`layer="transformer"`, from `ssm.layers.attention`); `layer_kwargs` go to every block (for S4
-blocks e.g. `d_state`, `n_ssm`, `dt_transform`, `ssm_lr`, `dt_lr`, `tie_dropout`, `norm`; see
-`ssm.layers.block.S4Block`). Right-padded batches pass `lengths` (B,);
-padding never reaches real positions or pooled features.
+and stacks one kind of residual block (`LAYERS`: `layer="s4d"` diagonal and `"s4"` DPLR S4
+blocks, `"transformer"` attention blocks), each built from one layer config (`ssm.config`) and
+one `BlockConfig`. Right-padded batches pass `lengths=` (B,); padding never reaches real
+positions or pooled features.
 
 Pooling: "mean" over real positions, "last" real position, "cls", or "none" (per position).
 "cls" writes a learned token right after each row's last real position (index `lengths`, or L),
@@ -18,33 +17,85 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssm.layers.block import S4Block
-from ssm.layers.nn import check_lengths, length_mask
+from ssm.config import AttentionConfig, BlockConfig, S4Config, build, split_options
+from ssm.layers.nn import check_lengths, keyword_only, length_mask
 
-LAYERS = ("s4d", "s4", "transformer")
 POOLINGS = ("mean", "last", "cls", "none")
 POS = ("none", "sinusoidal", "learned")
 
 
+def _s4_block(*args, **kwargs):
+    from ssm.layers.block import S4Block
+    return S4Block(*args, **kwargs)
+
+
+def _transformer_block(*args, **kwargs):
+    from ssm.layers.attention import TransformerBlock
+    return TransformerBlock(*args, **kwargs)
+
+
+# layer name -> (block constructor, layer config class, settings the name fixes)
+LAYERS = {
+    "s4d": (_s4_block, S4Config, {"mode": "diag"}),
+    "s4": (_s4_block, S4Config, {"mode": "dplr"}),
+    "transformer": (_transformer_block, AttentionConfig, {}),
+}
+
+
+def _layer_configs(layer: str, layer_config, block, legacy: dict, bidirectional):
+    """(layer config, block config) of `SequenceModel` from its arguments (see its docstring)."""
+    make, cls, fixed = LAYERS[layer]
+    unknown = set(legacy) - {"layer_kwargs", "prenorm", "dropout"}
+    if unknown:
+        raise TypeError(f"SequenceModel got unexpected keyword argument(s) {sorted(unknown)}")
+    options = dict(legacy.get("layer_kwargs") or {})
+    if "dropout" in legacy:
+        options["dropout"] = legacy["dropout"]
+    if "prenorm" in legacy:
+        options["prenorm"] = legacy["prenorm"]
+    layer_options, block_options = split_options(options, cls)
+    if layer == "transformer" and "causal" in layer_options:
+        layer_options["bidirectional"] = not layer_options.pop("causal")
+    cfg = build(cls, layer_config, layer_options, f"SequenceModel(layer={layer!r})")
+    for key, value in fixed.items():
+        explicit = key in layer_options or (isinstance(layer_config, dict) and key in layer_config)
+        if getattr(cfg, key) != value and explicit:
+            raise ValueError(f"layer={layer!r} implies {key}={value!r}, got {key}={getattr(cfg, key)!r}")
+        setattr(cfg, key, value)
+    if bidirectional is not None:
+        if not isinstance(bidirectional, bool):
+            raise ValueError(f"bidirectional must be None or a bool, got {bidirectional!r}")
+        cfg.bidirectional = bidirectional
+    return make, cfg, build(BlockConfig, block, block_options, "SequenceModel")
+
+
 class SequenceModel(nn.Module):
-    """Sequence classifier/regressor backbone; see the module docstring."""
+    """Sequence classifier/regressor backbone; see the module docstring.
+
+    layer: a name in `LAYERS` (it decides `mode` for "s4d"/"s4"); layer_config: its config (`S4Config` for "s4d"/"s4",
+    `AttentionConfig` for "transformer") or a dict of its fields; block: `BlockConfig`
+    (prenorm, norm, d_ff). bidirectional: None keeps the layer config's causality (causal by
+    default for every kind); True/False sets it for every block. The older `layer_kwargs=`
+    (a dict of layer and block fields), `prenorm=` and `dropout=` keywords still work.
+    """
 
     def __init__(self, d_output: int, *, vocab_size: int | None = None, d_input: int | None = None,
-                 d_model: int = 128, n_layers: int = 4, layer: str = "s4d", layer_kwargs: dict | None = None,
-                 pooling: str = "mean", pos: str = "none", max_len: int | None = None, prenorm: bool = True,
-                 dropout: float = 0.0, device=None, dtype=None):
+                 d_model: int = 128, n_layers: int = 4, layer: str = "s4d", layer_config=None,
+                 block: BlockConfig | None = None, bidirectional: bool | None = None, pooling: str = "mean",
+                 pos: str = "none", max_len: int | None = None, device=None, dtype=None, **legacy):
         super().__init__()
         if (vocab_size is None) == (d_input is None):
             raise ValueError(f"give exactly one of vocab_size (token ids) or d_input (real features), "
                              f"got vocab_size={vocab_size!r}, d_input={d_input!r}")
-        for name, allowed, value in (("layer", LAYERS, layer), ("pooling", POOLINGS, pooling), ("pos", POS, pos)):
+        for name, allowed, value in (("layer", tuple(LAYERS), layer), ("pooling", POOLINGS, pooling), ("pos", POS, pos)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
+        make, cfg, blk = _layer_configs(layer, layer_config, block, legacy, bidirectional)
         fk = dict(device=device, dtype=dtype)
         self.vocab_size, self.d_input, self.d_model = vocab_size, d_input, d_model
-        self.pooling, self.pos_kind = pooling, pos
+        self.pooling, self.pos_kind, self.layer_config, self.block_config = pooling, pos, cfg, blk
         self.encoder = (nn.Embedding(vocab_size, d_model, **fk) if vocab_size is not None
                         else nn.Linear(d_input, d_model, **fk))
         self.cls = nn.Parameter(torch.randn(d_model, **fk) * 0.02) if pooling == "cls" else None
@@ -52,20 +103,15 @@ class SequenceModel(nn.Module):
         if pos != "none":
             from ssm.layers.positional import AbsolutePositionalEmbedding
             self.pos = AbsolutePositionalEmbedding(pos, d_model, max_len, **fk)
-        kwargs = dict(layer_kwargs or {})
-        if layer == "transformer":
-            from ssm.layers.attention import TransformerBlock
-            self.blocks = nn.ModuleList(TransformerBlock(d_model, dropout=dropout, prenorm=prenorm, **kwargs, **fk)
-                                        for _ in range(n_layers))
-        else:
-            mode = "diag" if layer == "s4d" else "dplr"
-            if "mode" in kwargs and kwargs["mode"] != mode:
-                raise ValueError(f"layer={layer!r} implies mode={mode!r}, got layer_kwargs mode={kwargs['mode']!r}")
-            kwargs["mode"] = mode
-            self.blocks = nn.ModuleList(S4Block(d_model, dropout=dropout, prenorm=prenorm, **kwargs, **fk)
-                                        for _ in range(n_layers))
-        self.norm = nn.LayerNorm(d_model, **fk) if prenorm else nn.Identity()
+        self.blocks = nn.ModuleList(make(d_model, config=cfg, block=blk, **fk) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model, **fk) if blk.prenorm else nn.Identity()
         self.decoder = nn.Linear(d_model, d_output, **fk)
+
+    def set_l_max(self, l_max: int) -> None:
+        """Set the length every S4 (DPLR) layer's learned Ct belongs to (the data's maximum length)."""
+        for m in self.modules():
+            if hasattr(m, "fixed_l_max"):
+                m.l_max = l_max
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.vocab_size is not None:
@@ -91,12 +137,10 @@ class SequenceModel(nn.Module):
             lengths = where + 1
         if self.pos is not None:
             h = self.pos(h)
-        states = [None] * len(self.blocks) if state is None else list(state)
-        if len(states) != len(self.blocks):
-            raise ValueError(f"state must be a list of {len(self.blocks)} layer states, got {len(states)}")
+        states = [None] * len(self.blocks) if state is None else self._check_states(state)
         next_states = []
         for block, s in zip(self.blocks, states):
-            h, s = block(h, s, lengths)
+            h, s = block(h, state=s, lengths=lengths)
             next_states.append(s)
         return self.norm(h), lengths, (next_states if state is not None else None)
 
@@ -107,8 +151,9 @@ class SequenceModel(nn.Module):
         if self.pooling == "mean":
             if lengths is None:
                 return h.mean(dim=1)
-            mask = length_mask(lengths, L).unsqueeze(-1).to(h.dtype)   # (B, L, 1)
-            return (h * mask).sum(1) / lengths[:, None].to(h.dtype)    # (B, H)
+            mask = length_mask(lengths, L).unsqueeze(-1)               # (B, L, 1)
+            # selected, not multiplied: a NaN at a padded position must not reach the mean
+            return torch.where(mask, h, 0.0).sum(1) / lengths[:, None].to(h.dtype)   # (B, H)
         idx = torch.full((Bsz,), L, device=h.device, dtype=torch.long) if lengths is None else lengths
         return h[torch.arange(Bsz, device=h.device), idx - 1]         # (B, H): last real / the cls token
 
@@ -117,7 +162,15 @@ class SequenceModel(nn.Module):
         h, lengths, _ = self._backbone(x, lengths, None)
         return self._pool(h, lengths)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None, state: list | None = None):
+    def _check_states(self, state) -> list:
+        if not isinstance(state, (list, tuple)) or len(state) != len(self.blocks):
+            got = f"{len(state)} states" if isinstance(state, (list, tuple)) else type(state).__name__
+            raise ValueError(f"state must be a list of {len(self.blocks)} layer states (one per block, "
+                             f"see default_state), got {got}")
+        return list(state)
+
+    @keyword_only("lengths", "state")
+    def forward(self, x: torch.Tensor, *, lengths: torch.Tensor | None = None, state: list | None = None):
         """x -> (out (B, d_output), or (B, L, d_output) with pooling="none"; next_state or None)."""
         h, lengths, next_state = self._backbone(x, lengths, state)
         return self.decoder(self._pool(h, lengths)), next_state
@@ -129,6 +182,7 @@ class SequenceModel(nn.Module):
         """One position: token ids (B,) or features (B, d_input) -> (out_t (B, d_output), state)."""
         if self.pos is not None or self.pooling not in ("none", "last"):
             raise ValueError("step needs pos='none' and pooling 'none' or 'last'")
+        state = self._check_states(state)
         h = self._encode(x_t[:, None])[:, 0]                           # (B, H)
         new_state = []
         for block, s in zip(self.blocks, state):

@@ -128,3 +128,29 @@ def test_no_references_outside_the_repository():
                 hits.append(f"{f.relative_to(ROOT)}:{n}: {m.group(0)!r} in: {line.strip()[:100]}")
     assert not hits, (f"{len(hits)} references to documents outside the repository or to issue numbers "
                       "(point to docs/*.md instead):\n" + "\n".join(hits))
+
+
+def test_architecture_traces_name_functions_that_exist():
+    """Every "`path.py` `Name`" pair in docs/architecture.md's traced calls names a function, class
+    or `Class.method` defined in that file."""
+    import ast
+    import re
+
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    traced = text[text.index("## One forward call"):text.index("## Adding a layer kind")]
+    pairs = re.findall(r"`([\w/]+\.py)`\s+`([A-Za-z_][\w.]*)`", traced)
+    missing = []
+    for path, name in pairs:
+        tree = ast.parse((ROOT / path).read_text(encoding="utf-8"))
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                names.add(node.name)
+                names |= {f"{node.name}.{n.name}" for n in node.body
+                          if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+        if name not in names:
+            missing.append(f"{path}: {name}")
+    assert len(pairs) >= 15
+    assert not missing, f"names in docs/architecture.md that do not exist where it says: {missing}"

@@ -7,6 +7,12 @@
   as m`): no public name of a package shadows one of its subpackages.
 - `ssm.__all__` lists exactly what `ssm` serves: every listed name resolves, and every name that
   the lazy `ssm.__getattr__` serves is listed.
+- No import cycle among the modules of `ssm`, `kernels` and `experiments` (module-level imports).
+- Each setting is written once: no layer, block or config constructor names a field of a layer
+  config class (`ssm.config`) as an explicit parameter (except the positional `d_state`), so
+  defaults live in the dataclasses only.
+- The S4 layer class does not branch on its `mode` after construction: the parameterization
+  module (`ssm.layers.ssm_diag`, `ssm.layers.ssm_dplr`) answers instead.
 """
 from __future__ import annotations
 
@@ -112,3 +118,91 @@ def test_ssm_all_lists_exactly_what_it_serves():
         served.add(name)
     unlisted = sorted(served - set(ssm.__all__))
     assert not unlisted, f"ssm serves names that ssm.__all__ does not list: {unlisted}"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Project modules imported at module level by `path` (not inside functions)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    me = _module_name(path)
+    found = set()
+    for node in tree.body:
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != me and not me.startswith(name + "."):
+                found.add(name)
+    return found
+
+
+def test_no_import_cycle():
+    files = {_module_name(p): p for p in _python_files()}
+    graph = {m: _imports(p, set(files)) for m, p in files.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n):] + [n]))
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def _config_fields() -> set[str]:
+    import dataclasses
+
+    from ssm import config
+    out = set()
+    for obj in vars(config).values():
+        if isinstance(obj, type) and dataclasses.is_dataclass(obj):
+            out |= {f.name for f in dataclasses.fields(obj)}
+    return out
+
+
+def test_no_constructor_repeats_a_config_field():
+    import inspect
+
+    from ssm.layers.attention import MultiHeadAttention, TransformerBlock
+    from ssm.layers.block import S4Block
+    from ssm.layers.s4 import S4
+    fields = _config_fields() - {"d_state"}
+    repeated = {}
+    for cls in (S4, S4Block, MultiHeadAttention, TransformerBlock):
+        src = ast.parse(inspect.getsource(cls))
+        init = next(n for n in ast.walk(src) if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+        explicit = {a.arg for a in init.args.args + init.args.kwonlyargs}
+        if explicit & fields:
+            repeated[cls.__name__] = sorted(explicit & fields)
+    assert not repeated, f"constructors that repeat config fields (defaults belong in ssm.config): {repeated}"
+
+
+def test_layer_class_does_not_branch_on_mode():
+    import inspect
+
+    from ssm.layers.s4 import S4
+    tree = ast.parse(inspect.getsource(S4))
+    offenders = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef) or fn.name == "__init__":
+            continue
+        for node in ast.walk(fn):
+            names = {n.attr if isinstance(n, ast.Attribute) else getattr(n, "id", None)
+                     for n in ast.walk(node.test)} if isinstance(node, (ast.If, ast.IfExp)) else set()
+            if "mode" in names:
+                offenders.append(f"{fn.name}: {ast.unparse(node.test)}")
+    assert not offenders, f"S4 methods branching on mode: {offenders}"

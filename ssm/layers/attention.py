@@ -27,11 +27,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssm.config import AttentionConfig, BlockConfig, build, keyword_signature, split_options
 from ssm.layers import rope as _rope
+from ssm.layers.nn import keyword_only
 
 POS_TYPES = ("none", "rope", "rope2d", "alibi")
 IMPLS = ("auto", "sdpa", "explicit")
 _NEEDS_TRAIN_LEN = ("dynamic", "yarn", "llama3", "longrope")
+
+
+def _causal_option(options: dict) -> dict:
+    """Accept the older `causal=` keyword as `bidirectional=not causal` (one spelling in configs)."""
+    if "causal" in options:
+        causal = options.pop("causal")
+        if "bidirectional" in options and options["bidirectional"] == causal:
+            raise ValueError(f"causal={causal!r} contradicts bidirectional={options['bidirectional']!r}")
+        options["bidirectional"] = not causal
+    return options
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -56,12 +68,15 @@ class MultiHeadAttention(nn.Module):
     `impl="auto"` uses SDPA unless the variant needs explicit scores (ReRoPE).
     """
 
-    def __init__(self, d_model: int, *, n_heads: int = 8, dropout: float = 0.0, causal: bool = False,
-                 pos: str = "none", rope_scaling: dict | None = None, rope_base: float = 10000.0,
-                 rope_interleaved: bool = False, rotary_fraction: float = 1.0, grid_width: int | None = None,
-                 log_n_scaling: bool = False, max_len: int | None = None, impl: str = "auto",
-                 bias: bool = True, device=None, dtype=None):
+    def __init__(self, d_model: int, *, config: AttentionConfig | None = None, device=None, dtype=None,
+                 **options):
         super().__init__()
+        cfg = build(AttentionConfig, config, _causal_option(options), type(self).__name__)
+        n_heads, dropout, pos, impl = cfg.n_heads, cfg.dropout, cfg.pos, cfg.impl
+        max_len, rope_scaling, log_n_scaling = cfg.max_len, cfg.rope_scaling, cfg.log_n_scaling
+        rope_base, rope_interleaved, grid_width = cfg.rope_base, cfg.rope_interleaved, cfg.grid_width
+        rotary_fraction, bias, causal = cfg.rotary_fraction, cfg.bias, not cfg.bidirectional
+        self.config = cfg
         if d_model < 1 or n_heads < 1 or d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
         if pos not in POS_TYPES:
@@ -157,7 +172,8 @@ class MultiHeadAttention(nn.Module):
         y, state = self.forward(x_t[:, None], state=state)
         return y[:, 0], state
 
-    def forward(self, x: torch.Tensor, state: dict | None = None,
+    @keyword_only("state", "lengths")
+    def forward(self, x: torch.Tensor, *, state: dict | None = None,
                 lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be (B, L, {self.d_model}), got shape {tuple(x.shape)}")
@@ -227,24 +243,24 @@ class TransformerBlock(nn.Module):
     """Residual attention + GELU MLP block. x (B, L, H) -> (y (B, L, H), next_state).
 
     Pre-norm (default): `x + attn(norm(x))`, then `x + mlp(norm(x))`; post-norm normalizes after
-    each residual sum. Keyword arguments after `causal` go to `MultiHeadAttention`.
+    each residual sum. Settings: `ssm.config.AttentionConfig` (attention, MLP width) and
+    `ssm.config.BlockConfig` (prenorm); keywords of either are accepted.
     """
 
-    def __init__(self, d_model: int, *, n_heads: int = 8, d_mlp: int | None = None, dropout: float = 0.0,
-                 prenorm: bool = True, causal: bool = False, pos: str = "none", rope_scaling: dict | None = None,
-                 rope_base: float = 10000.0, max_len: int | None = None, rope_interleaved: bool = False,
-                 rotary_fraction: float = 1.0, grid_width: int | None = None, log_n_scaling: bool = False,
-                 impl: str = "auto", device=None, dtype=None):
+    def __init__(self, d_model: int, *, config: AttentionConfig | None = None, block: BlockConfig | None = None,
+                 device=None, dtype=None, **options):
         super().__init__()
-        d_mlp = 4 * d_model if d_mlp is None else d_mlp
+        layer_options, block_options = split_options(options, AttentionConfig)
+        cfg = build(AttentionConfig, config, _causal_option(layer_options), "TransformerBlock")
+        block = build(BlockConfig, block, block_options, "TransformerBlock")
+        if block.norm != "layer" or block.d_ff is not None:
+            raise ValueError(f"TransformerBlock uses LayerNorm and its MLP width is AttentionConfig.d_mlp: "
+                             f"block.norm must be 'layer' and block.d_ff None, got {block.norm!r}, {block.d_ff!r}")
+        d_mlp = 4 * d_model if cfg.d_mlp is None else cfg.d_mlp
         if d_mlp < 1:
             raise ValueError(f"d_mlp must be >= 1, got {d_mlp}")
-        self.prenorm = prenorm
-        self.attn = MultiHeadAttention(d_model, n_heads=n_heads, dropout=dropout, causal=causal, pos=pos,
-                                       rope_scaling=rope_scaling, rope_base=rope_base,
-                                       rope_interleaved=rope_interleaved, rotary_fraction=rotary_fraction,
-                                       grid_width=grid_width, log_n_scaling=log_n_scaling, max_len=max_len,
-                                       impl=impl, device=device, dtype=dtype)
+        self.prenorm, dropout = block.prenorm, cfg.dropout
+        self.attn = MultiHeadAttention(d_model, config=cfg, device=device, dtype=dtype)
         self.norm1 = nn.LayerNorm(d_model, device=device, dtype=dtype)
         self.norm2 = nn.LayerNorm(d_model, device=device, dtype=dtype)
         self.mlp = nn.Sequential(nn.Linear(d_model, d_mlp, device=device, dtype=dtype), nn.GELU(),
@@ -254,7 +270,8 @@ class TransformerBlock(nn.Module):
     def default_state(self, batch_size: int, device=None) -> dict:
         return self.attn.default_state(batch_size, device=device)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None,
+    @keyword_only("state", "lengths")
+    def forward(self, x: torch.Tensor, *, state: dict | None = None,
                 lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
         if self.prenorm:
             a, next_state = self.attn(self.norm1(x), state=state, lengths=lengths)
@@ -270,3 +287,9 @@ class TransformerBlock(nn.Module):
             raise ValueError(f"x_t must be (B, H), got shape {tuple(x_t.shape)}")
         y, state = self.forward(x_t[:, None], state=state)
         return y[:, 0], state
+
+
+MultiHeadAttention.__init__.__signature__ = keyword_signature(MultiHeadAttention.__init__, AttentionConfig,
+                                                              after="config")
+TransformerBlock.__init__.__signature__ = keyword_signature(TransformerBlock.__init__, AttentionConfig,
+                                                            after="block")

@@ -35,6 +35,43 @@ def check_lengths(lengths: torch.Tensor | None, batch: int, L: int) -> torch.Ten
     return lengths.long()
 
 
+def check_finite(x: torch.Tensor, lengths: torch.Tensor | None, name: str = "x") -> None:
+    """ValueError naming the first non-finite entry of x (B, L, ...) or (B, H) at a real position.
+
+    Padded positions (beyond `lengths`) are not checked: layers replace them by zeros. Layers
+    call this unless built with `check_finite=False` (skips one pass over x and a host sync).
+    """
+    if torch.compiler.is_compiling() or x.is_complex() or not x.is_floating_point():
+        return
+    bad = ~torch.isfinite(x)
+    if lengths is not None and x.dim() >= 2:
+        bad = bad & length_mask(lengths, x.shape[1]).view(x.shape[:2] + (1,) * (x.dim() - 2))
+    if bool(bad.any()):
+        idx = [int(i) for i in bad.nonzero()[0]]
+        where = (f"batch {idx[0]}, position {idx[1]}, feature {idx[2]}" if x.dim() == 3
+                 else ", ".join(f"dim {d} = {i}" for d, i in enumerate(idx)))
+        raise ValueError(f"{name} has a non-finite value ({float(x[tuple(idx)])}) at {where}; inputs must be "
+                         "finite (a NaN/Inf would spread through the FFT convolution to other positions). "
+                         "Build the layer with check_finite=False to skip this check")
+
+
+def keyword_only(*names: str):
+    """Decorator for `forward(self, x, *, state=None, lengths=None, ...)`: a positional `state` or
+    `lengths` (the order of older versions) raises a TypeError naming the keyword spelling."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def forward(self, x, *args, **kwargs):
+            if args:
+                raise TypeError(f"{type(self).__name__}.forward takes {', '.join(names)} as keyword arguments "
+                                f"only: call it as forward(x, {', '.join(n + '=...' for n in names)}); "
+                                f"got {len(args)} extra positional argument(s)")
+            return fn(self, x, **kwargs)
+        return forward
+    return wrap
+
+
 def length_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
     """(B,) lengths -> (B, L) bool, True at real positions."""
     return torch.arange(L, device=lengths.device) < lengths[:, None]   # (B, L)

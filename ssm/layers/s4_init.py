@@ -5,7 +5,10 @@ Each measure's transition matrix is written as `A = V (diag(Lambda) - P^T conj(P
 of each conjugate pair (docs/s4.md, "NPLR forms per measure").
 
 - "legs": rank 1, `Re(Lambda) = -1/2`.
-- "legt": rank 2; "lagt", "fout": rank 1. Their normal part is skew, `Re(Lambda) = 0`. The layer
+- "legt": rank 2, at the public S4 time scale: the layer uses `A/2`, `B/2` of the LegT matrix of
+  docs/hippo.md (window 1), i.e. LegT with window 2, as the public S4 code does ("for timescale
+  correctness"); in NPLR form `Lambda/2`, `P / sqrt(2)`, `B/2` (`LEGT_SCALE`).
+- "lagt", "fout": rank 1. Their normal part is skew, `Re(Lambda) = 0`. The layer
   parametrizes `Re(Lambda) = -exp(log_neg_real) < 0`, so the real part is floored at
   `-REAL_FLOOR` (the same floor as the original S4 code): the layer's matrix is
   `A - REAL_FLOOR * I`, a shift that multiplies the filter by `exp(-REAL_FLOOR * dt * l)`.
@@ -23,6 +26,15 @@ from ssm import hippo
 
 DPLR_INITS = ("legs", "legt", "lagt", "fout", "hippo")
 REAL_FLOOR = 1e-4
+LEGT_SCALE = 0.5        # the layer's LegT is the measure's (A, B) times this (public S4 convention)
+
+
+def measure_nplr(measure: str, N: int):
+    """`(Lambda, P, B)` of a measure as the layer uses it (LegT scaled by LEGT_SCALE), complex128."""
+    Lam, P, B, _ = hippo.nplr(measure, N)                              # (N2,), (r0, N2), (N2,)
+    if measure == "legt":
+        Lam, P, B = Lam * LEGT_SCALE, P * LEGT_SCALE ** 0.5, B * LEGT_SCALE
+    return Lam, P, B
 
 
 def channel_measures(init: str, H: int) -> list[str]:
@@ -54,7 +66,7 @@ def dplr_init(init: str, N: int, H: int, rank: int):
     N2 = N // 2
     forms = {}
     for m in set(channel_measures(init, H)):
-        Lam, P, B, _ = hippo.nplr(m, N)                                # (N2,), (r0, N2), (N2,)
+        Lam, P, B = measure_nplr(m, N)                                 # (N2,), (r0, N2), (N2,)
         Lam = torch.complex(Lam.real.clamp(max=-REAL_FLOOR), Lam.imag)
         forms[m] = (Lam, P, B)
     ms = channel_measures(init, H)
@@ -82,6 +94,6 @@ def real_floor_shift(init: str, N: int, H: int) -> torch.Tensor:
     """
     shift = []
     for m in channel_measures(init, H):
-        c = float(hippo.nplr(m, N)[0].real.max())                      # Re(Lambda), one value
+        c = float(measure_nplr(m, N)[0].real.max())                    # Re(Lambda), one value
         shift.append(max(0.0, c + REAL_FLOOR))
     return torch.tensor(shift, dtype=torch.float64)
