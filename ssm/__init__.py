@@ -1,4 +1,4 @@
-"""ssmkit: state-space sequence layers (HiPPO, S4, S4D), attention baselines, LRA tooling.
+"""ssmkit: state-space sequence layers (HiPPO, S4, S4D, Mamba, Mamba-2), attention baselines, LRA tooling.
 
 Public names are resolved lazily so `import ssm` stays cheap. Note: an unrelated distribution on
 the package index also installs a top-level `ssm` package; this one comes from `ssmkit`.
@@ -17,8 +17,17 @@ _EXPORTS = {
     "MultiHeadAttention": "ssm.layers.attention",
     "TransformerBlock": "ssm.layers.attention",
     "SequenceModel": "ssm.models",
+    "SelectiveBlock": "ssm.layers.block",
+    "Mamba": "ssm.layers.mamba",
+    "Mamba2": "ssm.layers.mamba2",
+    "MambaLM": "ssm.interop",
+    "S4Config": "ssm.config",
+    "AttentionConfig": "ssm.config",
+    "BlockConfig": "ssm.config",
+    "MambaConfig": "ssm.config",
+    "Mamba2Config": "ssm.config",
 }
-_MODULES = ("approx", "discretize", "fftconv", "filters", "hippo", "layers", "models")
+_MODULES = ("approx", "config", "discretize", "export", "fftconv", "filters", "hippo", "interop", "layers", "models")
 
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 

@@ -2,7 +2,7 @@
 
 `SequenceModel` takes token ids (B, L) (`vocab_size`) or real features (B, L, d_input) (`d_input`)
 and stacks one kind of residual block (`LAYERS`: `layer="s4d"` diagonal and `"s4"` DPLR S4
-blocks, `"transformer"` attention blocks), each built from one layer config (`ssm.config`) and
+blocks, `"transformer"` attention blocks, `"mamba"` / `"mamba2"` selective blocks), each built from one layer config (`ssm.config`) and
 one `BlockConfig`. Right-padded batches pass `lengths=` (B,); padding never reaches real
 positions or pooled features.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssm.config import AttentionConfig, BlockConfig, S4Config, build, split_options
+from ssm.config import AttentionConfig, BlockConfig, Mamba2Config, MambaConfig, S4Config, build, split_options
 from ssm.layers.nn import check_lengths, keyword_only, length_mask
 
 POOLINGS = ("mean", "last", "cls", "none")
@@ -34,11 +34,18 @@ def _transformer_block(*args, **kwargs):
     return TransformerBlock(*args, **kwargs)
 
 
+def _selective_block(*args, **kwargs):
+    from ssm.layers.block import SelectiveBlock
+    return SelectiveBlock(*args, **kwargs)
+
+
 # layer name -> (block constructor, layer config class, settings the name fixes)
 LAYERS = {
     "s4d": (_s4_block, S4Config, {"mode": "diag"}),
     "s4": (_s4_block, S4Config, {"mode": "dplr"}),
     "transformer": (_transformer_block, AttentionConfig, {}),
+    "mamba": (_selective_block, MambaConfig, {}),
+    "mamba2": (_selective_block, Mamba2Config, {}),
 }
 
 
@@ -65,7 +72,11 @@ def _layer_configs(layer: str, layer_config, block, legacy: dict, bidirectional)
     if bidirectional is not None:
         if not isinstance(bidirectional, bool):
             raise ValueError(f"bidirectional must be None or a bool, got {bidirectional!r}")
-        cfg.bidirectional = bidirectional
+        if not hasattr(cfg, "bidirectional"):
+            if bidirectional:
+                raise ValueError(f"layer={layer!r} is causal only: bidirectional=True is not supported")
+        else:
+            cfg.bidirectional = bidirectional
     return make, cfg, build(BlockConfig, block, block_options, "SequenceModel")
 
 

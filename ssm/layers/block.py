@@ -78,3 +78,47 @@ class S4Block(nn.Module):
 
 
 S4Block.__init__.__signature__ = keyword_signature(S4Block.__init__, S4Config, after="block")
+
+
+class SelectiveBlock(nn.Module):
+    """Residual block around a selective layer (`ssm.Mamba`, `ssm.Mamba2`): norm -> layer -> add.
+
+    `config` is a `MambaConfig` or `Mamba2Config` (which layer is built follows from its type);
+    `block` is a `BlockConfig` (prenorm, norm; `d_ff` must be None: the layers gate their own
+    output). Same contract as `S4Block`. The selective layers have no dropout and are causal.
+    """
+
+    def __init__(self, d_model: int, *, config, block: BlockConfig | None = None, device=None, dtype=None):
+        super().__init__()
+        from ssm.config import Mamba2Config, MambaConfig
+        from ssm.layers.mamba import Mamba
+        from ssm.layers.mamba2 import Mamba2
+        layer_cls = {MambaConfig: Mamba, Mamba2Config: Mamba2}.get(type(config))
+        if layer_cls is None:
+            raise TypeError(f"SelectiveBlock: config must be a MambaConfig or Mamba2Config, got {type(config).__name__}")
+        blk = build(BlockConfig, block, {}, "SelectiveBlock")
+        if blk.d_ff is not None:
+            raise ValueError(f"SelectiveBlock has no feed-forward sublayer: block.d_ff must be None, got {blk.d_ff!r}")
+        self.block_config, self.prenorm = blk, blk.prenorm
+        self.layer = layer_cls(d_model, config=config, device=device, dtype=dtype)
+        self.norm = MaskedNorm(d_model, kind=blk.norm, device=device, dtype=dtype)
+
+    def default_state(self, batch_size: int, device=None):
+        return self.layer.default_state(batch_size, device=device)
+
+    @keyword_only("state", "lengths")
+    def forward(self, x: torch.Tensor, *, state=None, lengths: torch.Tensor | None = None):
+        """x (B, L, H) -> (y (B, L, H), next_state)."""
+        if self.prenorm:
+            y, next_state = self.layer(self.norm(x, lengths), state=state, lengths=lengths)
+            return x + y, next_state
+        y, next_state = self.layer(x, state=state, lengths=lengths)
+        return self.norm(x + y, lengths), next_state
+
+    def step(self, x_t: torch.Tensor, state):
+        """One position: x_t (B, H) -> (y_t (B, H), state)."""
+        if self.prenorm:
+            y, state = self.layer.step(self.norm.step(x_t), state)
+            return x_t + y, state
+        y, state = self.layer.step(x_t, state)
+        return self.norm.step(x_t + y), state

@@ -7,6 +7,7 @@ the tensors, so they survive `copy.deepcopy`, `load_state_dict(..., assign=True)
 
 - "A", "B", "P": learning rate `ssm_lr`, no weight decay;
 - "dt": learning rate `dt_lr` (by default the same as `ssm_lr`), no weight decay;
+- "D" (the skip of the selective layers): the global lr, never decayed;
 - every other parameter (kind "C" included): the global `lr`, with `weight_decay` on matrices
   (dim >= 2: linear weights, embeddings, C, D) and none on vectors (biases, norm scales) unless
   `decay_vectors=True` (the public S4 and LRA setups decay those too).
@@ -23,6 +24,7 @@ from torch import nn
 SSM_LR = 1e-3
 SSM_KINDS = ("A", "B", "P")          # at ssm_lr, no weight decay
 DT_KINDS = ("dt",)                   # at dt_lr, no weight decay
+NO_DECAY_KINDS = ("D",)              # at the global lr, never decayed (the selective layers' skip)
 
 
 def param_kinds(model: nn.Module) -> dict[int, str]:
@@ -63,6 +65,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, *, ssm_lr: fl
         if kind in rates:
             rate = lr if rates[kind] is None else rates[kind]
             special.setdefault(rate, []).append(p)
+        elif kind in NO_DECAY_KINDS:
+            no_decay.append(p)
         elif p.dim() >= 2 or decay_vectors:
             decay.append(p)
         else:
