@@ -106,7 +106,9 @@ def rope_scaling(variant: str, cfg: Config, length: int) -> dict | None:
 def build(name: str, cfg: Config, *, scaling: dict | None = None) -> SequenceModel:
     """A causal next-token model; `name` in TRAINED."""
     if name in ("s4d", "s4"):
-        kw = dict(d_state=cfg.d_state, ssm_lr=cfg.ssm_lr, l_max=cfg.L_train, backend=cfg.backend)
+        kw = dict(d_state=cfg.d_state, backend=cfg.backend)
+        if name == "s4":
+            kw["l_max"] = cfg.L_train                                  # the length S4's Ct belongs to
         layer = name
     elif name in ("rope", "alibi"):
         kw = dict(n_heads=cfg.n_heads, causal=True, pos=name, max_len=cfg.L_train)
@@ -139,7 +141,7 @@ def train(name: str, cfg: Config, out: Path, *, progress: bool = True) -> Sequen
             return model
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay))
+    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, ssm_lr=cfg.ssm_lr))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(i / cfg.steps, 1.0))))
     model.train()

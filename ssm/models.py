@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssm.config import AttentionConfig, BlockConfig, Mamba2Config, MambaConfig, S4Config, build, split_options
+from ssm.config import (RETIRED, AttentionConfig, BlockConfig, Mamba2Config, MambaConfig, S4Config, build,
+                        split_options)
 from ssm.layers.nn import check_lengths, keyword_only, length_mask
 
 POOLINGS = ("mean", "last", "cls", "none")
@@ -53,6 +54,8 @@ def _layer_configs(layer: str, layer_config, block, legacy: dict, bidirectional)
     """(layer config, block config) of `SequenceModel` from its arguments (see its docstring)."""
     make, cls, fixed = LAYERS[layer]
     unknown = set(legacy) - {"layer_kwargs", "prenorm", "dropout"}
+    for key in sorted(unknown & set(RETIRED)):
+        raise TypeError(f"SequenceModel: {key!r} is no longer a model or layer argument; {RETIRED[key]}")
     if unknown:
         raise TypeError(f"SequenceModel got unexpected keyword argument(s) {sorted(unknown)}")
     options = dict(legacy.get("layer_kwargs") or {})

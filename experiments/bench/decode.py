@@ -40,7 +40,9 @@ def build_model(layer: str, cfg: dict, *, device: str) -> torch.nn.Module:
     if layer == "transformer":
         kwargs = dict(n_heads=cfg["n_heads"], causal=True, pos=cfg.get("pos", "none"))
     else:
-        kwargs = dict(d_state=cfg["d_state"], l_max=cfg["positions"][0])   # S4 relates Ct to a length
+        kwargs = dict(d_state=cfg["d_state"])
+        if layer == "s4":
+            kwargs["l_max"] = cfg["positions"][0]                     # S4 relates Ct to a length
     model = SequenceModel(cfg["vocab"], vocab_size=cfg["vocab"], d_model=cfg["d_model"], n_layers=cfg["n_layers"],
                           layer=layer, layer_kwargs=kwargs, pooling="none", device=device)
     return model.eval()

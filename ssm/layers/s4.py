@@ -108,6 +108,18 @@ class S4(nn.Module):
         self._step_dense = False
         self._warned_grad_step = False
 
+    def _apply(self, fn, recurse=True):
+        # `.half()` / `.to(bfloat16)` must not round the skip D (part of the float32 SSM math)
+        super()._apply(fn, recurse)
+        if self.D.dtype in (torch.float16, torch.bfloat16):
+            self.D.data = self.D.data.float()
+        return self
+
+    @property
+    def rank(self) -> int | None:
+        """mode="dplr": the low-rank size in use (the measure's own rank when not given); else None."""
+        return getattr(self.ssm, "rank", None)
+
     def __getattr__(self, name: str):
         # settings read as attributes (layer.d_state, layer.mode, layer.channels, ...)
         try:
@@ -253,12 +265,13 @@ class S4(nn.Module):
         fake tensors whose versions say nothing: call `setup_step` right before exporting).
         """
         rate = self.rate if rate is None else check_rate(rate)
-        cache, settings = self._step_cache, (rate, self.l_max, self._step_dense)
-        if _is_exporting():
-            if cache is None or cache[0][0] != settings:
+        cache = self._step_cache
+        if _is_exporting():                            # l_max is not read here: its buffer is a fake tensor
+            if cache is None or (cache[0][0][0], cache[0][0][2]) != (rate, self._step_dense):
                 raise RuntimeError(f"call setup_step(rate={rate}) on the layer before torch.export of "
                                    "a function that calls step (the step system is built outside the graph)")
             return cache[1]
+        settings = (rate, self.l_max, self._step_dense)
         key = settings, tuple((p._version, p.data_ptr(), p.device) for p in self.parameters())
         if not torch.is_grad_enabled() and cache is not None and cache[0] == key:
             return cache[1]

@@ -15,13 +15,13 @@ C128 = torch.complex128
 
 def params64(m):
     """(Lambda (H, N2), B (H, N2), P (r, H, N2) or None, C (c', H, N2), D (c, H), dt (H,)), 64-bit."""
-    H = m.d_model
-    copy = torch.arange(H) % m.log_neg_real.shape[0]                 # channel h uses copy h % n_ssm
-    Lam = torch.complex(-torch.exp(m.log_neg_real.double()), m.imag.double())[copy]
-    B = torch.view_as_complex(m.B.double())[copy]
-    P = torch.view_as_complex(m.P.double())[:, copy] if m.mode == "dplr" else None
-    C = torch.view_as_complex(m.C.double())
-    raw = m.log_dt.double()
+    H, p = m.d_model, m.ssm
+    copy = torch.arange(H) % p.log_neg_real.shape[0]                 # channel h uses copy h % n_ssm
+    Lam = torch.complex(-torch.exp(p.log_neg_real.double()), p.imag.double())[copy]
+    B = torch.view_as_complex(p.B.double())[copy]
+    P = torch.view_as_complex(p.P.double())[:, copy] if m.mode == "dplr" else None
+    C = torch.view_as_complex(p.C.double())
+    raw = p.log_dt.double()
     dt = torch.exp(raw) if m.dt_transform == "exp" else torch.log1p(torch.exp(raw))
     return Lam, B, P, C, m.D.double(), dt
 
@@ -53,7 +53,8 @@ def system64(m, rate: float = 1.0):
     """(Ab, Bb, C (c', H, N)) of the layer's recurrence at step dt * rate, complex128."""
     Lam, B, P, C, _, dt = params64(m)
     A, Bf = full_system(Lam, B, P)
-    Ab, Bb = discretize64(A, Bf, dt * rate, m.discretization)
+    method = m.discretization or ("zoh" if m.mode == "diag" else "bilinear")
+    Ab, Bb = discretize64(A, Bf, dt * rate, method)
     Cf = torch.cat([C, C.conj()], -1)                                  # (c', H, N)
     if m.mode == "dplr":                                               # learned Ct = C (I - Ab0^l_max)
         Ab0, _ = discretize64(A, Bf, dt, "bilinear")
@@ -85,3 +86,54 @@ def ssm_outputs64(m, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         y = torch.einsum("chn,bhn->bch", Cf, s).real + D * u[:, t, None, :]   # (B, c, H)
         ys.append(y.reshape(y.shape[0], -1))
     return torch.stack(ys, 1)                                          # (B, L, c*H)
+
+
+def layer_params(m):
+    """(Lambda (H, N2), B (H, N2), C (c', H, N2), P (r, H, N2) or None, dt (H,)) of an `S4` layer's
+    SSM in its compute precision; for mode="dplr" C is the learned Ct (it belongs to `l_max`)."""
+    p = m.ssm
+    if m.mode == "dplr":
+        Lam, P, B, Ct, dt = p.params()
+        return Lam, B, Ct, P, dt
+    real = p.real_dtype
+    Lam = p.per_channel(torch.complex(-torch.exp(p.log_neg_real.to(real)), p.imag.to(real)))
+    return Lam, p.per_channel(p.complex_param("B")), p.complex_param("C"), None, p.dt()
+
+
+def param(m, name: str) -> torch.Tensor:
+    """A parameter of an `S4` layer by its name: `D` lives on the layer, the rest on `m.ssm`."""
+    return m.D if name == "D" else getattr(m.ssm, name)
+
+
+def l_max_kw(mode: str, n: int) -> dict:
+    """`{"l_max": n}` for mode="dplr" (its Ct belongs to a length); mode="diag" refuses l_max."""
+    return {"l_max": n} if mode == "dplr" else {}
+
+
+def legs_public(N: int, b_clip: float | None = 2.0):
+    """LegS in the eigenbasis of its normal part, from the definition alone (numpy, float64):
+    `A_nk = -sqrt(2n+1) sqrt(2k+1)` (n > k), `-(n+1)` (n = k); `B_n = sqrt(2n+1)`;
+    `P_n = sqrt(n + 1/2)`; `A + P P^T = -I/2 + skew`; eigenvectors V of the skew part, one per
+    conjugate pair (Im(Lambda) > 0, increasing); returns (Lambda, V^* P, clip(V^* B)) as complex128
+    tensors of shape (N/2,), Im(B) clipped to [-b_clip, b_clip]. Eigenvectors are defined up to a
+    unit factor per mode: compare through `mode_signs`."""
+    import numpy as np
+
+    n = np.arange(N)
+    r = np.sqrt(2 * n + 1)
+    A = -np.tril(np.outer(r, r), -1) - np.diag(n + 1.0)
+    P = np.sqrt(n + 0.5)
+    skew = A + np.outer(P, P) + 0.5 * np.eye(N)
+    mu, V = np.linalg.eigh(1j * skew)                                  # skew v = -i mu v
+    lam = -0.5 - 1j * mu
+    keep = np.argsort(np.where(lam.imag > 0, lam.imag, np.inf))[: N // 2]
+    V, lam = V[:, keep], lam[keep]
+    B = V.conj().T @ r
+    if b_clip is not None:
+        B = B.real + 1j * np.clip(B.imag, -b_clip, b_clip)
+    return tuple(torch.from_numpy(np.ascontiguousarray(t)) for t in (lam, V.conj().T @ P, B))
+
+
+def mode_signs(got_B: torch.Tensor, want_B: torch.Tensor) -> torch.Tensor:
+    """Per-mode factor u with `got = u * want` read off Re(B) (unaffected by the Im clip)."""
+    return torch.sign(got_B.real.detach().double() / want_B.real)

@@ -133,7 +133,7 @@ def test_dropout_and_gradients_flow():
 
 
 def test_postnorm_and_mlp_width():
-    blk = TransformerBlock(D, n_heads=NH, d_mlp=24, prenorm=False)
+    blk = TransformerBlock(D, n_heads=NH, d_mlp=24, prenorm=False, bidirectional=True)
     assert blk.mlp[0].out_features == 24
     y, state = blk(torch.randn(2, 5, D))
     assert y.shape == (2, 5, D) and state is None
@@ -182,6 +182,25 @@ def test_bad_call_arguments_raise():
         blk(x, lengths=torch.tensor([5]))
     with pytest.raises(ValueError, match="causal"):
         blk(x, state=blk.default_state(2))
+
+
+def test_causal_by_default_and_causal_keyword_maps_to_bidirectional():
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    blk = TransformerBlock(D, n_heads=NH, dtype=torch.float64).eval()
+    assert blk.attn.config.bidirectional is False
+    y, cache = blk(x)                                                 # causal: the KV cache comes back
+    assert cache is not None
+    with torch.no_grad():
+        y_prefix, _ = blk(x[:, :3])
+    assert_close(y[:, :3], y_prefix, name="causal: a prefix does not see the future")
+    assert TransformerBlock(D, n_heads=NH, causal=False).attn.config.bidirectional is True
+    assert TransformerBlock(D, n_heads=NH, causal=True).attn.config.bidirectional is False
+    assert MultiHeadAttention(D, n_heads=NH).config.bidirectional is False
+    assert TransformerBlock(D, n_heads=NH, bidirectional=True)(x.float())[1] is None
+    with pytest.raises(ValueError, match="contradicts"):
+        TransformerBlock(D, n_heads=NH, causal=True, bidirectional=True)
+    with pytest.raises(TypeError, match=r"state=\.\.\., lengths=\.\.\."):
+        blk(x, None)
 
 
 def test_sequence_model_transformer_layer_streams():

@@ -20,7 +20,7 @@ STREAM_TOL = dict(rtol=1e-5, atol=1e-5)
 def tiny(layer="s4d", *, tokens=True, pooling="last", bidirectional=False, **kw):
     torch.manual_seed(0)
     io = dict(vocab_size=13) if tokens else dict(d_input=3)
-    lk = dict(d_state=8, bidirectional=bidirectional, l_max=32)
+    lk = dict(d_state=8, bidirectional=bidirectional, **({"l_max": 32} if layer == "s4" else {}))
     return SequenceModel(5, **io, d_model=16, n_layers=2, layer=layer, pooling=pooling,
                          layer_kwargs=lk, **kw).eval()
 

@@ -22,14 +22,19 @@ def _direct_conv(u, k, k_rev=None):
 
 @pytest.mark.parametrize("L", [1, 17, 64])
 def test_causal_and_bidirectional_match_direct(L):
-    u = torch.randn(2, 3, L, dtype=torch.float64)
-    k, k_rev = torch.randn(3, L, dtype=torch.float64), torch.randn(3, L, dtype=torch.float64)
+    u = torch.randn(2, 3, L)
+    k, k_rev = torch.randn(3, L), torch.randn(3, L)
+    u64, k64, k_rev64 = u.double(), k.double(), k_rev.double()        # the truth sees the same numbers
     atol = 3e-7 * L  # fftconv runs in float32 on purpose: rounding grows with the sum length
-    assert_close(fftconv(u, k), _direct_conv(u, k), dtype=torch.float32, atol=atol, name="causal")
-    assert_close(fftconv(u, k, k_rev), _direct_conv(u, k, k_rev), dtype=torch.float32, atol=atol,
+    assert_close(fftconv(u, k), _direct_conv(u64, k64), dtype=torch.float32, atol=atol, name="causal")
+    assert_close(fftconv(u, k, k_rev), _direct_conv(u64, k64, k_rev64), dtype=torch.float32, atol=atol,
                  name="bidirectional")
     short = k[..., : max(1, L // 3)]
-    assert_close(fftconv(u, short), _direct_conv(u, short), dtype=torch.float32, atol=atol, name="short filter")
+    assert_close(fftconv(u, short), _direct_conv(u64, k64[..., : max(1, L // 3)]), dtype=torch.float32,
+                 atol=atol, name="short filter")
+    # float64 inputs take the plain differentiable float64 path (the path of `.double()` layers)
+    assert fftconv(u64, k64, k_rev64).dtype == torch.float64
+    assert_close(fftconv(u64, k64, k_rev64), _direct_conv(u64, k64, k_rev64), name="float64 path")
 
 
 def test_fftconv_float32_under_autocast_and_bad_length():
@@ -122,19 +127,22 @@ def test_conv_skip_forward_and_gradients_match_direct_float64(monkeypatch, save_
     if blocked:  # one channel per block: the block loop and its gradient assembly run
         monkeypatch.setattr(fc, "BLOCK_BYTES", 1)
     B, c, H, L = 2, 2, 3, 13
-    u = torch.randn(B, 1, H, L, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(c, H, L, dtype=torch.float64, requires_grad=True)
-    k_rev = torch.randn(c, H, L, dtype=torch.float64, requires_grad=True) if bidirectional else None
-    d = torch.randn(c, H, dtype=torch.float64, requires_grad=True)
+    # float32 inputs: the fused float32 path (float64 inputs take the plain float64 path)
+    u = torch.randn(B, 1, H, L, requires_grad=True)
+    k = torch.randn(c, H, L, requires_grad=True)
+    k_rev = torch.randn(c, H, L, requires_grad=True) if bidirectional else None
+    d = torch.randn(c, H, requires_grad=True)
     g = torch.randn(B, c, H, L, dtype=torch.float64)
     inputs = [u, k, d] + ([k_rev] if bidirectional else [])
+    inputs64 = [t.detach().double().requires_grad_(True) for t in inputs]
     y = fftconv(u, k, k_rev, d, save_spectrum=save_spectrum)
-    want_y = _direct_conv_skip(u, k, d, k_rev)
+    u64, k64, d64 = inputs64[:3]
+    want_y = _direct_conv_skip(u64, k64, d64, inputs64[3] if bidirectional else None)
     assert y.dtype == torch.float32
     atol = 3e-7 * L  # float32 FFT on purpose (module docstring); rounding grows with the sum length
     assert_close(y, want_y, dtype=torch.float32, atol=atol, name="y")
-    got = torch.autograd.grad((y * g).sum(), inputs)
-    want = torch.autograd.grad((want_y * g).sum(), inputs)
+    got = torch.autograd.grad((y * g.float()).sum(), inputs)
+    want = torch.autograd.grad((want_y * g).sum(), inputs64)
     for name, a, b in zip(("u", "k", "d", "k_rev"), got, want):
         assert a.shape == b.shape, name
         assert_close(a, b, dtype=torch.float32, atol=1e-5, name=f"grad {name}")

@@ -1,5 +1,5 @@
-"""Layer options: shared SSMs (n_ssm), dt parameterization, learning rates per parameter kind,
-dropout tied across the sequence, and use inside `nn.Sequential`."""
+"""Layer options: shared SSMs (n_ssm), dt parameterization, dropout tied across the sequence, and
+use inside `nn.Sequential` (learning rates per parameter kind: test_param_groups.py)."""
 import math
 
 import pytest
@@ -11,15 +11,13 @@ from ssm import filters
 from ssm.discretize import dt_from_param, dt_param_init
 from ssm.layers.block import S4Block
 from ssm.layers.nn import SequenceDropout, SequenceOnly
-from ssm.layers.params import param_groups
 from ssm.layers.s4 import S4
-from tests.ssm.layer_truth import filter64, ssm_outputs64
+from tests.ssm.layer_truth import filter64, layer_params, ssm_outputs64
 from tests.utils import assert_close
 
 # Float32 layer outputs against float64 truth or against each other use rtol = atol = 1e-5: the
 # layer's documented conv == step agreement (docs/s4.md), looser than TOL[float32] because an
 # output sums L filter taps and N/2 modes, each rounded in float32.
-SSM_NAMES = ("log_neg_real", "imag", "B", "P")
 
 
 def _steps(m, x):
@@ -42,44 +40,45 @@ def _n_params(m):
 @pytest.mark.parametrize("n_ssm", [1, 2])
 def test_shared_ssm_filter_and_step_equal_float64_truth(cfg, n_ssm):
     H, N, L = 4, 8, 24
-    m = S4(H, N, n_ssm=n_ssm, dt_min=0.01, dt_max=0.5, l_max=L, backend="torch", **cfg).eval()
-    N2, r = N // 2, cfg.get("rank", 1)
-    assert m.log_neg_real.shape == m.imag.shape == (n_ssm, N2)
-    assert m.B.shape == (n_ssm, N2, 2) and m.log_dt.shape == (H,)
+    extra = {"l_max": L} if cfg["mode"] == "dplr" else {}
+    m = S4(H, N, n_ssm=n_ssm, dt_min=0.01, dt_max=0.5, backend="torch", **extra, **cfg).eval()
+    N2, r, p = N // 2, cfg.get("rank", 1), m.ssm
+    assert p.log_neg_real.shape == p.imag.shape == (n_ssm, N2)
+    assert p.B.shape == (n_ssm, N2, 2) and p.log_dt.shape == (H,)
     if cfg["mode"] == "dplr":
-        assert m.P.shape == (r, n_ssm, N2, 2)
+        assert p.P.shape == (r, n_ssm, N2, 2)
     with torch.no_grad():
         # distinct copies, so a wrong channel -> copy assignment cannot pass
-        m.imag.add_(torch.randn_like(m.imag))
-        m.B.add_(torch.randn_like(m.B))
+        p.imag.add_(torch.randn_like(p.imag))
+        p.B.add_(torch.randn_like(p.B))
         K = m.filter(L)
         assert_close(K, filter64(m, L).float(), rtol=1e-5, atol=1e-5 * K.abs().max().item(),
                      name="filter vs dense C Ab^l Bb")
         x = torch.randn(2, L, H)
         y = m(x)[0]
-        assert_close(y, m._output(ssm_outputs64(m, x).float()), rtol=1e-5, atol=1e-5, name="conv vs float64")
+        assert_close(y, m.output(ssm_outputs64(m, x).float()), rtol=1e-5, atol=1e-5, name="conv vs float64")
     assert_close(_steps(m, x), y, rtol=1e-5, atol=1e-5, name="step vs conv")
 
 
 @pytest.mark.parametrize("mode", ["diag", "dplr"])
 def test_shared_ssm_reduces_parameters_and_bidirectional_works(mode):
     H, N, r = 8, 16, 2
-    kw = dict(mode=mode, bidirectional=True, channels=2, backend="torch", l_max=16)
+    kw = dict(mode=mode, bidirectional=True, channels=2, backend="torch")
     if mode == "dplr":
-        kw["rank"] = r
+        kw.update(rank=r, l_max=16)
     full, shared = S4(H, N, **kw), S4(H, N, n_ssm=2, **kw)
     per_copy = (N // 2) * (1 + 1 + 2) + (r * (N // 2) * 2 if mode == "dplr" else 0)
     assert _n_params(full) - _n_params(shared) == (H - 2) * per_copy
-    assert full.log_neg_real.shape == (H, N // 2)                       # None: one SSM per channel
+    assert full.ssm.log_neg_real.shape == (H, N // 2)                       # None: one SSM per channel
     with torch.no_grad():
-        shared.imag.add_(torch.randn_like(shared.imag))
+        shared.ssm.imag.add_(torch.randn_like(shared.ssm.imag))
         K = shared.filter(16)
     assert K.shape == (4, H, 16)
     assert_close(K, filter64(shared, 16).float(), rtol=1e-5, atol=1e-5 * K.abs().max().item(), name="bi")
     y, _ = shared(torch.randn(2, 16, H))
     y.square().mean().backward()
     for name in ("log_neg_real", "imag", "B"):
-        assert getattr(shared, name).grad.abs().sum() > 0, name
+        assert getattr(shared.ssm, name).grad.abs().sum() > 0, name
 
 
 def test_n_ssm_must_divide_d_model():
@@ -98,7 +97,7 @@ def test_dt_init_is_the_same_for_both_transforms():
     e = S4(256, 8, dt_min=1e-4, dt_max=1e-1)
     torch.manual_seed(3)
     s = S4(256, 8, dt_min=1e-4, dt_max=1e-1, dt_transform="softplus")
-    dt_e, dt_s = e._params()[-1].detach(), s._params()[-1].detach()
+    dt_e, dt_s = layer_params(e)[-1].detach(), layer_params(s)[-1].detach()
     assert_close(dt_s, dt_e, rtol=1e-6, atol=0, name="softplus init vs exp init")  # float32 rounding
     assert float(dt_s.min()) >= 1e-4 * (1 - 1e-6) and float(dt_s.max()) <= 1e-1 * (1 + 1e-6)
     # the stored parameter really is the inverse softplus, and log-uniform in float64
@@ -137,14 +136,14 @@ def test_softplus_layer_gradient_is_chain_rule_of_exp_layer():
     s = S4(6, 8, dt_min=0.01, dt_max=0.3, dt_transform="softplus", backend="torch")
     s.load_state_dict(e.state_dict())
     with torch.no_grad():
-        dt = torch.exp(e.log_dt.double())
-        s.log_dt.copy_((dt + torch.log(-torch.expm1(-dt))).float())
+        dt = torch.exp(e.ssm.log_dt.double())
+        s.ssm.log_dt.copy_((dt + torch.log(-torch.expm1(-dt))).float())
     x = torch.randn(2, 20, 6)
     for m in (e, s):
         m(x)[0].square().mean().backward()
-    want = e.log_dt.grad.double() / dt * torch.sigmoid(s.log_dt.double())
+    want = e.ssm.log_dt.grad.double() / dt * torch.sigmoid(s.ssm.log_dt.double())
     # float32 layers: the two runs differ by the float32 rounding of dt itself
-    assert_close(s.log_dt.grad, want.float(), rtol=1e-4, atol=1e-7, name="softplus grad")
+    assert_close(s.ssm.log_dt.grad, want.float(), rtol=1e-4, atol=1e-7, name="softplus grad")
 
 
 def test_bad_dt_transform():
@@ -152,47 +151,6 @@ def test_bad_dt_transform():
         S4(4, 8, dt_transform="relu")
     with pytest.raises(ValueError, match="dt_transform"):
         dt_from_param(torch.zeros(2), "sigmoid")
-
-
-# ---- learning rates per parameter kind -----------------------------------------------------------
-def _settings(model, lr=1e-2, wd=0.1):
-    groups = param_groups(model, lr, wd)
-    seen = [id(p) for g in groups for p in g["params"]]
-    assert sorted(seen) == sorted(id(p) for p in model.parameters()), "each parameter exactly once"
-    assert all(set(g) == {"params", "lr", "weight_decay"} for g in groups)
-    return {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
-
-
-@pytest.mark.parametrize("mode", ["diag", "dplr"])
-@pytest.mark.parametrize("ssm_lr,dt_lr", [(2e-3, None), (None, 5e-4), (None, None), (2e-3, 3e-3)])
-def test_param_groups_lr_per_kind(mode, ssm_lr, dt_lr):
-    blk = S4Block(8, d_state=8, mode=mode, ssm_lr=ssm_lr, dt_lr=dt_lr, norm="batch", backend="torch")
-    got = _settings(blk, lr=1e-2, wd=0.1)
-    layer = blk.layer
-    for name in SSM_NAMES:
-        if hasattr(layer, name):
-            assert got[id(getattr(layer, name))] == (1e-2 if ssm_lr is None else ssm_lr, 0.0), name
-    assert got[id(layer.log_dt)] == (1e-2 if dt_lr is None else dt_lr, 0.0)
-    assert got[id(layer.C)] == (1e-2, 0.1) and got[id(layer.out.weight)] == (1e-2, 0.1)
-    assert got[id(layer.out.bias)] == (1e-2, 0.0) and got[id(blk.norm.norm.weight)] == (1e-2, 0.0)
-    opt = torch.optim.AdamW(param_groups(blk, 1e-2, 0.1), lr=123.0)   # the global lr is the groups'
-    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
-    assert by_id[id(layer.log_dt)]["lr"] == (1e-2 if dt_lr is None else dt_lr)
-
-
-def test_default_lrs_unchanged_and_dt_follows_ssm_lr():
-    layer = S4(8, 8, mode="dplr", backend="torch")
-    for name in SSM_NAMES + ("log_dt",):
-        assert getattr(layer, name)._optim == {"lr": 1e-3, "weight_decay": 0.0}, name
-    groups = param_groups(layer, 1e-2, 0.1)
-    assert [len(g["params"]) for g in groups if g["lr"] == 1e-3] == [5]    # A (2), B, P, dt: one group
-    assert S4(8, 8, ssm_lr=2e-3).log_dt._optim["lr"] == 2e-3              # dt_lr="ssm_lr" (default)
-    assert "lr" not in S4(8, 8, dt_lr=None).log_dt._optim
-    for bad in (-1.0, float("nan"), "fast"):
-        with pytest.raises(ValueError, match="dt_lr"):
-            S4(8, 8, dt_lr=bad)
-        with pytest.raises(ValueError, match="ssm_lr"):
-            S4(8, 8, ssm_lr=bad)
 
 
 # ---- dropout tied across the sequence ------------------------------------------------------------
@@ -264,20 +222,3 @@ def test_package_all_lists_exactly_what_it_serves():
         assert name in ssm.__all__
     with pytest.raises(AttributeError, match="no attribute"):
         ssm.not_a_name
-
-
-def test_param_groups_decay_vectors_decays_biases_but_never_ssm_params():
-    import ssm
-    m = ssm.S4Block(8, d_state=8, backend="torch")
-    tagged = {id(p) for p in m.parameters() if getattr(p, "_optim", None) is not None}
-    for dv in (False, True):
-        groups = ssm.param_groups(m, lr=1e-2, weight_decay=0.1, decay_vectors=dv)
-        wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-        assert len(wd) == sum(1 for _ in m.parameters())                 # each parameter once
-        for name, p in m.named_parameters():
-            if id(p) in tagged:
-                assert wd[id(p)] == 0.0, name
-            elif p.dim() < 2:
-                assert wd[id(p)] == (0.1 if dv else 0.0), name
-            else:
-                assert wd[id(p)] == 0.1, name

@@ -13,7 +13,7 @@ from torch import nn
 
 from ssm.layers.nn import MaskedNorm, length_mask
 from ssm.layers.s4 import S4
-from tests.ssm.layer_truth import filter64, ssm_outputs64
+from tests.ssm.layer_truth import filter64, l_max_kw, ssm_outputs64
 from tests.utils import assert_close
 
 
@@ -50,7 +50,7 @@ def test_default_diag_layer_discretization_against_float64(cfg):
         return
     x = torch.randn(2, L, 8)
     with torch.no_grad():
-        want = m._output(ssm_outputs64(m, x).float())
+        want = m.output(ssm_outputs64(m, x).float())
         assert_close(m(x)[0], want, rtol=1e-5, atol=1e-5, name="forward vs float64 recurrence")
         assert_close(_steps(m, x), want, rtol=1e-5, atol=1e-5, name="step vs float64 recurrence")
 
@@ -58,11 +58,11 @@ def test_default_diag_layer_discretization_against_float64(cfg):
 @pytest.mark.parametrize("mode", ["diag", "dplr"])
 @pytest.mark.parametrize("rate", [0.5, 2.0])
 def test_forward_at_rate_equals_stepping_at_rate(mode, rate):
-    m = S4(4, 8, mode=mode, dt_min=0.01, dt_max=0.3, l_max=32, backend="torch").eval()
+    m = S4(4, 8, mode=mode, dt_min=0.01, dt_max=0.3, backend="torch", **l_max_kw(mode, 32)).eval()
     x = torch.randn(2, 32, 4)
     with torch.no_grad():
         y = m(x, rate=rate)[0]
-        want = m._output(ssm_outputs64(m, x, rate=rate).float())
+        want = m.output(ssm_outputs64(m, x, rate=rate).float())
         assert_close(y, want, rtol=1e-5, atol=1e-5, name="forward(rate) vs float64 recurrence")
         assert_close(_steps(m, x, rate=rate), y, rtol=1e-5, atol=1e-5, name="step(rate) vs forward(rate)")
         assert (y - m(x)[0]).abs().max() > 1e-3                       # the rate does change the output

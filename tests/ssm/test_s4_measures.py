@@ -7,6 +7,7 @@ from ssm import hippo
 from ssm.discretize import discretize
 from ssm.layers.s4 import S4
 from ssm.layers.s4_init import REAL_FLOOR, nplr_basis, real_floor_shift
+from tests.ssm.layer_truth import layer_params
 from tests.utils import assert_close, run_steps
 
 INITS = ["legs", "legt", "lagt", "fout", "hippo"]
@@ -21,16 +22,19 @@ def _layer(init, **kw):
 
 
 def _measure_matrices(init):
-    """HiPPO (A (H, N, N), B (H, N)) of each channel, float64, straight from `hippo.transition`."""
+    """HiPPO (A (H, N, N), B (H, N)) of each channel, float64, straight from `hippo.transition`.
+
+    LegT is taken at the public S4 time scale: A and B halved (window 2), as the layer uses it."""
     ms = ["legs"] * ((H + 1) // 2) + ["fout"] * (H // 2) if init == "hippo" else [init] * H
-    A, B = zip(*(hippo.transition(m, N) for m in ms))
+    A, B = zip(*(tuple(0.5 * t for t in hippo.transition(m, N)) if m == "legt" else hippo.transition(m, N)
+                 for m in ms))
     return torch.stack(A), torch.stack(B)
 
 
 def _layer_matrices(m):
     """The layer's continuous (A, B) rebuilt densely from its float32 parameters (complex128 math)
     and taken back to the measure's basis with the unitary NPLR basis V: (H, N, N), (H, N)."""
-    Lam, B, _, P, _ = (t.detach() for t in m._params())
+    Lam, B, _, P, _ = (t.detach() for t in layer_params(m))
     Lf = torch.cat([Lam, Lam.conj()], -1).cdouble()                    # (H, N)
     Pf = torch.cat([P, P.conj()], -1).cdouble()                        # (r, H, N)
     Bf = torch.cat([B, B.conj()], -1).cdouble()                        # (H, N)
@@ -44,7 +48,7 @@ def _layer_matrices(m):
 
 @pytest.mark.parametrize("init", INITS)
 def test_layer_matrix_is_the_measure_matrix(init):
-    m = _layer(init)
+    m = _layer(init, b_clip=None)                                       # the exact eigenbasis B
     A, B = _layer_matrices(m)
     A_ref, B_ref = _measure_matrices(init)
     shift = real_floor_shift(init, N, H)                                # REAL_FLOOR where Re(Lambda) = 0
@@ -56,7 +60,7 @@ def test_layer_matrix_is_the_measure_matrix(init):
     assert_close(B, B_ref, rtol=0, atol=8 * ulp * float(B_ref.abs().max()), name=f"{init} B")
     if init != "legs":
         assert float(shift.max()) == pytest.approx(REAL_FLOOR)          # the floor is the only shift
-    assert m.rank == (2 if init == "legt" else 1) and m.P.shape[0] == m.rank
+    assert m.ssm.rank == (2 if init == "legt" else 1) and m.ssm.P.shape[0] == m.ssm.rank
 
 
 @pytest.mark.parametrize("init", INITS)
@@ -64,10 +68,10 @@ def test_filter_equals_dense_float64_recurrence_in_the_measure_basis(init):
     L = 40
     m = _layer(init, l_max=L)
     A, B = _layer_matrices(m)                                           # (H, N, N), (H, N) float64
-    dt = m.log_dt.detach().double().exp()
+    dt = m.ssm.log_dt.detach().double().exp()
     Ab, Bb = discretize(A, B, dt, "bilinear")                           # dense float64, per channel
     V = nplr_basis(init, N, H)
-    Ct = torch.view_as_complex(m.C.detach()).cdouble()                  # (c, H, N2): the learned Ct
+    Ct = torch.view_as_complex(m.ssm.C.detach()).cdouble()                  # (c, H, N2): the learned Ct
     Ct = torch.einsum("chn,hmn->chm", torch.cat([Ct, Ct.conj()], -1), V.conj())   # (c, H, N): Ctf V^*
     eye = torch.eye(N, dtype=torch.float64)
     # Ct = C (I - Ab^L)  =>  C = Ct (I - Ab^L)^-1
@@ -92,9 +96,9 @@ def test_conv_equals_step_equals_chunks(init):
     with torch.no_grad():
         y, _ = m(x)
         s0 = 0.3 * torch.randn_like(m.default_state(2))
-        y_state, s_whole = m(x, s0)
-        y1, s1 = m(x[:, :10], s0)
-        y2, s2 = m(x[:, 10:], s1)
+        y_state, s_whole = m(x, state=s0)
+        y1, s1 = m(x[:, :10], state=s0)
+        y2, s2 = m(x[:, 10:], state=s1)
     # FouT's normal part has an eigenvalue at 0 (the mean state): at DC the Woodbury correction of
     # the float32 Cauchy filter cancels a 1/REAL_FLOOR pole, which costs the conv path ~3e-5 at
     # dt = 0.5 (1e-6 at the default dt <= 0.1); the step is accurate to 1e-6 (test_s4_step)
@@ -110,9 +114,9 @@ def test_conv_equals_step_equals_chunks(init):
 def test_rank_defaults_to_the_measure_and_smaller_is_refused():
     for measure in hippo.MEASURES:
         assert hippo.min_rank(measure) == hippo.rank_correction(measure, 6).shape[0]
-    assert S4(2, 8, mode="dplr", init="legt").rank == 2
-    assert S4(2, 8, mode="dplr").rank == 1
-    assert S4(2, 8, mode="dplr", init="fout", rank=3).P.shape[0] == 3
+    assert S4(2, 8, mode="dplr", init="legt").ssm.rank == 2
+    assert S4(2, 8, mode="dplr").ssm.rank == 1
+    assert S4(2, 8, mode="dplr", init="fout", rank=3).ssm.P.shape[0] == 3
     with pytest.raises(ValueError, match=r"rank must be >= 2 for init='legt'"):
         S4(2, 8, mode="dplr", init="legt", rank=1)
     with pytest.raises(ValueError, match="rank"):
@@ -120,20 +124,24 @@ def test_rank_defaults_to_the_measure_and_smaller_is_refused():
 
 
 def test_legs_default_is_the_legs_nplr_form():
-    """The default init keeps its numbers: float32 roundings of `hippo.nplr("legs")`, rank 1."""
-    m = S4(3, 8, mode="dplr")
+    """The default init keeps its numbers: float32 roundings of `hippo.nplr("legs")`, rank 1, with
+    Im(B) clipped to [-2, 2] (b_clip=2.0, the default); b_clip=None keeps the exact B."""
+    m = S4(3, 8, mode="dplr").ssm
     Lam, P, B, _ = hippo.nplr("legs", 8)
     assert torch.equal(m.log_neg_real.detach(), torch.log(-Lam.real).float().expand(3, 4))
     assert torch.equal(m.imag.detach(), Lam.imag.float().expand(3, 4))
     assert torch.equal(m.P.detach(), torch.view_as_real(P.expand(3, 1, 4).transpose(0, 1)).float())
-    assert torch.equal(m.B.detach(), torch.view_as_real(B.expand(3, 4)).float())
+    clipped = torch.complex(B.real, B.imag.clamp(-2.0, 2.0))
+    assert torch.equal(m.B.detach(), torch.view_as_real(clipped.expand(3, 4)).float())
+    exact = S4(3, 8, mode="dplr", b_clip=None).ssm
+    assert torch.equal(exact.B.detach(), torch.view_as_real(B.expand(3, 4)).float())
 
 
 def test_mixed_hippo_init_is_legs_then_fout():
     m = S4(5, 8, mode="dplr", init="hippo")
     legs, fout = hippo.nplr("legs", 8)[0], hippo.nplr("fout", 8)[0]
-    assert torch.equal(m.imag.detach()[:3], legs.imag.float().expand(3, 4))
-    assert torch.equal(m.imag.detach()[3:], fout.imag.float().expand(2, 4))
+    assert torch.equal(m.ssm.imag.detach()[:3], legs.imag.float().expand(3, 4))
+    assert torch.equal(m.ssm.imag.detach()[3:], fout.imag.float().expand(2, 4))
 
 
 @pytest.mark.parametrize("mode,init", [("diag", "legt"), ("diag", "hippo"), ("dplr", "lin"),

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ssm.layers.s4 import S4
+from tests.ssm.layer_truth import l_max_kw
 from tests.utils import assert_close
 
 H, N, L = 4, 16, 160
@@ -36,7 +37,7 @@ def _chunked(m, x, chunk):
     state, ys = m.default_state(x.shape[0]), []
     with torch.no_grad():
         for s in range(0, x.shape[1], chunk):
-            y, state = m(x[:, s:s + chunk], state)
+            y, state = m(x[:, s:s + chunk], state=state)
             ys.append(y)
     return torch.cat(ys, 1)
 
@@ -50,7 +51,7 @@ def test_reloaded_layer_streams_like_the_trained_one(mode):
         want, _ = m(x)
     fresh = _reload(m)
     if mode == "dplr":
-        assert fresh.l_max == L and int(fresh.state_dict()["fixed_l_max"]) == L
+        assert fresh.l_max == L and int(fresh.state_dict()["ssm.fixed_l_max"]) == L
     for chunk in (1, 7, 128):
         # chunked state passing recombines float32 FFT convolutions of the pieces: TOL float32
         # relative error, with an atol of 1e-5 for outputs of size ~1 (as conv vs step elsewhere)
@@ -66,7 +67,7 @@ def test_reloaded_layer_streams_like_the_trained_one(mode):
 @pytest.mark.usefixtures("one_thread")
 def test_checkpoint_without_l_max_needs_l_max_at_construction():
     m = _trained()
-    old = {k: v for k, v in m.state_dict().items() if k != "fixed_l_max"}   # an older checkpoint
+    old = {k: v for k, v in m.state_dict().items() if k != "ssm.fixed_l_max"}   # an older checkpoint
     with pytest.raises(RuntimeError, match=r"fixed_l_max is missing.*l_max="):
         S4(H, N, mode="dplr").load_state_dict(old)
     with pytest.raises(RuntimeError, match="fixed_l_max is missing"):
@@ -84,19 +85,19 @@ def test_checkpoint_without_l_max_needs_l_max_at_construction():
 
 def test_l_max_buffer_follows_the_layer():
     m = S4(H, N, mode="dplr", backend="torch")
-    assert m.l_max is None and int(m.fixed_l_max) == -1
+    assert m.l_max is None and int(m.ssm.fixed_l_max) == -1
     with torch.no_grad():
         m(torch.randn(1, 40, H))
-    assert m.l_max == 40 and int(m.fixed_l_max) == 40
+    assert m.l_max == 40 and int(m.ssm.fixed_l_max) == 40
     m.load_state_dict(S4(H, N, mode="dplr").state_dict())              # a checkpoint saved unfixed
     assert m.l_max is None
-    assert "fixed_l_max" not in S4(H, N, mode="diag").state_dict()     # diag outputs do not use it
-    assert m.to(torch.bfloat16).fixed_l_max.dtype == torch.int64
+    assert "ssm.fixed_l_max" not in S4(H, N, mode="diag").state_dict()     # diag outputs do not use it
+    assert m.to(torch.bfloat16).ssm.fixed_l_max.dtype == torch.int64
 
 
 @pytest.mark.parametrize("mode", ["diag", "dplr"])
 def test_bad_state_names_argument_expected_and_got(mode):
-    m = S4(H, N, mode=mode, backend="torch", l_max=16)
+    m = S4(H, N, mode=mode, backend="torch", **l_max_kw(mode, 16))
     n = N // 2 if mode == "diag" else N
     x, xt = torch.randn(2, 16, H), torch.randn(2, H)
     good = m.default_state(2)
@@ -117,4 +118,4 @@ def test_bad_state_names_argument_expected_and_got(mode):
         with pytest.raises(err, match=msg):
             m.step(xt, state)
         with pytest.raises(err, match=msg):
-            m(x, state)
+            m(x, state=state)

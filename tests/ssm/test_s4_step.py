@@ -6,6 +6,7 @@ import torch
 from ssm import filters
 from ssm.layers.s4 import S4
 from ssm.layers.s4_step import dplr_step_system
+from tests.ssm.layer_truth import l_max_kw, layer_params, param
 from tests.utils import assert_close, run_steps
 
 H, N = 4, 16
@@ -19,7 +20,7 @@ def _dense_reference(m, x):
     """Outputs of m over x (B, L, H) by the dense complex128 recurrence x_k = Ab x_{k-1} + Bb u_k,
     y_k = Re(C x_k) + D u_k, built from the parameters with `filters.dplr_dense` (a dense solve)."""
     with torch.no_grad():
-        Lam, B, Ct, P, dt = (t.cdouble() if t.is_complex() else t.double() for t in m._params())
+        Lam, B, Ct, P, dt = (t.cdouble() if t.is_complex() else t.double() for t in layer_params(m))
         Ab, Bb = filters.dplr_dense(Lam, P, B, dt)                      # (H, N, N), (H, N)
         C = filters.ct_to_c(filters.full_c(Ct), Ab, m.l_max)            # (c, H, N)
         s = torch.zeros(x.shape[0], H, N, dtype=torch.complex128)
@@ -29,12 +30,12 @@ def _dense_reference(m, x):
             s = torch.einsum("hnm,bhm->bhn", Ab, s) + Bb * u[..., None]
             ys.append(torch.einsum("chn,bhn->bch", C, s).real + m.D.double() * u[:, None, :])
         y = torch.stack(ys, 1)                                          # (B, L, c, H)
-        return m._output(y.transpose(-1, -2).reshape(x.shape[0], x.shape[1], -1).float()), s
+        return m.output(y.transpose(-1, -2).reshape(x.shape[0], x.shape[1], -1).float()), s
 
 
 def test_dplr_step_system_is_the_dense_bilinear_system():
     m = _layer("legt", rank=3)
-    Lam, B, _, P, dt = (t.detach().cdouble() if t.is_complex() else t.detach().double() for t in m._params())
+    Lam, B, _, P, dt = (t.detach().cdouble() if t.is_complex() else t.detach().double() for t in layer_params(m))
     z, E, F, Bb = dplr_step_system(Lam, P, B, dt)
     Ab_ref, Bb_ref = filters.dplr_dense(Lam, P, B, dt)
     assert_close(torch.diag_embed(z) - E.transpose(-1, -2) @ F, Ab_ref, name="Ab = diag(z) - E^T F")
@@ -81,7 +82,7 @@ def test_dense_and_dplr_steps_agree():
 
 @pytest.mark.parametrize("mode", ["diag", "dplr"])
 def test_optimizer_step_and_load_state_dict_invalidate_the_step_cache(mode):
-    m = S4(H, N, mode=mode, backend="torch", l_max=32)
+    m = S4(H, N, mode=mode, backend="torch", **l_max_kw(mode, 32))
     x = torch.randn(2, 32, H)
     xt = torch.randn(2, H)
     m.eval().setup_step()
@@ -92,14 +93,14 @@ def test_optimizer_step_and_load_state_dict_invalidate_the_step_cache(mode):
     m(x)[0].square().mean().backward()
     opt.step()
     m.eval()
-    fresh = S4(H, N, mode=mode, backend="torch", l_max=32).eval()
+    fresh = S4(H, N, mode=mode, backend="torch", **l_max_kw(mode, 32)).eval()
     fresh.load_state_dict(m.state_dict())
     with torch.no_grad():
         after, _ = m.step(xt, m.default_state(2))
         want, _ = fresh.step(xt, fresh.default_state(2))
     assert (after - before).abs().max() > 1e-4                         # the optimizer step shows
     assert_close(after, want, name="cached step after an optimizer step == a fresh layer")
-    other = S4(H, N, mode=mode, backend="torch", l_max=32).eval()
+    other = S4(H, N, mode=mode, backend="torch", **l_max_kw(mode, 32)).eval()
     with torch.no_grad():
         other.step(xt, other.default_state(2))                        # fills other's cache
         other.load_state_dict(m.state_dict())
@@ -112,10 +113,10 @@ def test_states_pass_between_step_and_chunked_forward(init):
     m = _layer(init)
     x = torch.randn(2, 30, H)
     with torch.no_grad():
-        y_whole, s_whole = m(x, m.default_state(2))
-        y1, s1 = m(x[:, :11], m.default_state(2))                       # forward -> step
+        y_whole, s_whole = m(x, state=m.default_state(2))
+        y1, s1 = m(x[:, :11], state=m.default_state(2))                       # forward -> step
         y2, s2 = run_steps(m, x[:, 11:20], s1)
-        y3, s3 = m(x[:, 20:], s2)                                       # step -> forward
+        y3, s3 = m(x[:, 20:], state=s2)                                       # step -> forward
     tol = 1e-4 if init == "fout" else 1e-5                              # FouT conv: see test_s4_measures
     assert_close(torch.cat([y1, y2, y3], 1), y_whole, rtol=1e-5, atol=tol, name="outputs")
     assert_close(s3, s_whole, rtol=1e-5, atol=1e-5, name="final state")
@@ -123,7 +124,7 @@ def test_states_pass_between_step_and_chunked_forward(init):
 
 @pytest.mark.parametrize("mode", ["diag", "dplr"])
 def test_step_after_setup_step_exports_and_matches_eager(mode):
-    m = S4(H, N, mode=mode, backend="torch", l_max=32).eval()
+    m = S4(H, N, mode=mode, backend="torch", **l_max_kw(mode, 32)).eval()
     m.setup_step()
 
     class Step(torch.nn.Module):
@@ -145,7 +146,7 @@ def test_step_after_setup_step_exports_and_matches_eager(mode):
         y, s_next = m.step(x, s)
     assert_close(y_ep, y, rtol=1e-5, atol=1e-5, name="exported step")
     assert_close(s_ep, s_next, rtol=1e-5, atol=1e-5, name="exported state")
-    bare = S4(H, N, mode=mode, backend="torch", l_max=32).eval()
+    bare = S4(H, N, mode=mode, backend="torch", **l_max_kw(mode, 32)).eval()
     with pytest.raises(RuntimeError, match=r"call setup_step\(rate=1.0\)"):
         torch.export.export(Step(bare), (x, s))
 
@@ -157,5 +158,5 @@ def test_step_with_grad_reaches_the_ssm_parameters():
     y2, _ = m.step(torch.randn(2, H), s)
     (y2.square().sum() + y.square().sum()).backward()
     for name in ("log_neg_real", "imag", "B", "P", "C", "log_dt"):
-        g = getattr(m, name).grad
+        g = param(m, name).grad
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
