@@ -68,18 +68,10 @@ def _s4_layers(model) -> list:
 
 def _lra_backbone(ckpt: dict, path: str, l_max: int | None):
     """The SequenceModel inside an LRA checkpoint, weights loaded, plus a note on its inputs."""
-    import dataclasses
-
-    from experiments.lra.config import SECTIONS, Config
+    from experiments.lra.config import config_from_dict
     from experiments.lra.models import LRAClassifier, build_model
 
-    stored = ckpt["config"]
-    sections = {}
-    for name, cls in SECTIONS.items():
-        known = {f.name for f in dataclasses.fields(cls)}
-        sections[name] = cls(**{k: v for k, v in stored.get(name, {}).items() if k in known})
-    cfg = Config(task=stored["task"], model_name=stored["model_name"], preset=stored.get("preset", "cpu-small"),
-                 **sections)
+    cfg = config_from_dict(ckpt["config"])
     model = build_model(cfg)
     if not isinstance(model, LRAClassifier):
         raise ValueError(f"{path}: task {cfg.task!r} is a two-tower model (two documents, one label); "

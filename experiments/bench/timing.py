@@ -1,4 +1,5 @@
-"""Timing, memory and environment helpers for the benchmark runner (see BENCHMARKS.md).
+"""Timing, memory and environment helpers: the one measurement module of the benchmark runner (see
+BENCHMARKS.md) and the LRA cost script (`experiments.lra.cost`).
 
 - CUDA: device events around each call after a warm-up; peak memory from `max_memory_allocated`.
 - CPU: `time.perf_counter` around each call after a warm-up; peak memory is the growth of
@@ -8,6 +9,8 @@
 - Layers with a floor (the S4 layers' irreducible Linear + FFT work) time it in the same loop,
   alternating with the layer (`time_interleaved`), and report the ratio; on the CPU also in process
   CPU time. CPU memory is then measured over one more call with `exact_heap_accounting` on.
+- Peak resident memory added by a stretch of code: `RssPeak` (reset the kernel's peak mark, read it
+  back; `ru_maxrss` growth where the reset is not allowed).
 """
 from __future__ import annotations
 
@@ -185,6 +188,20 @@ def rss_now_bytes() -> int:
 
 def rss_peak_bytes() -> int:
     return _proc_status_kib("VmHWM") * 1024
+
+
+class RssPeak:
+    """Peak resident memory added since construction: VmHWM minus VmRSS after resetting the peak
+    mark where Linux allows it (`reset_peak_rss`), else the growth of `ru_maxrss` (which misses a
+    peak smaller than an earlier one). `method` says which was used."""
+
+    def __init__(self):
+        self.exact = reset_peak_rss()
+        self.base = rss_now_bytes() if self.exact else max_rss_bytes()
+        self.method = "VmHWM - VmRSS after reset" if self.exact else "ru_maxrss growth"
+
+    def added(self) -> int:
+        return max((rss_peak_bytes() if self.exact else max_rss_bytes()) - self.base, 0)
 
 
 def exact_heap_accounting() -> bool:

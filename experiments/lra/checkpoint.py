@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 # Fields that may differ between a run and its --resume without changing the result.
 RESUME_FREE = {("train", "max_steps"), ("train", "progress"), ("train", "threads"), ("data", "num_workers"),
@@ -91,3 +92,15 @@ def trim_metrics(path: Path, step: int) -> int:
 
 def _keep(record: dict, step: int) -> bool:
     return record.get("split") != "test" and record.get("step", 0) <= step
+
+
+def save(tr, path: Path) -> None:
+    """Write a checkpoint atomically (collective under torchrun: every rank's RNG state is gathered)."""
+    rng = [None] * tr.rt.world if tr.rt.world > 1 else rng_state()
+    if tr.rt.world > 1:
+        dist.all_gather_object(rng, rng_state())
+    if tr.rt.main:
+        write_atomic({"model": tr.model.state_dict(), "optimizer": tr.optimizer.state_dict(),
+                              "scheduler": tr.scheduler.state_dict(), "state": dict(tr.state), "rng": rng,
+                              "layout": tr.layout(), "config": tr.cfg.to_dict()}, path)
+

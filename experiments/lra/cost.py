@@ -28,15 +28,17 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 
-from experiments.lra import config as C
-from experiments.lra.tasks import task as task_info
+from experiments.bench.timing import RssPeak
+from experiments.lra.config import MODELS, TASKS, Config, sequence_length
+from experiments.lra.presets import build_config, preset_config
+from experiments.lra.schedules import lr_multiplier
+from experiments.lra.tasks import task_info
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM dense bf16 peak (NVIDIA datasheet)
 # state-spaces/s4 models/s4/experiments.md: S4 minutes per epoch and the GPU they were timed on.
@@ -89,10 +91,10 @@ def fft_flop_mapping() -> dict:
             aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward}
 
 
-def example_batch(cfg: C.Config, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def example_batch(cfg: Config, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random full-length inputs (B, L) or (B, 2, L) and labels: the shapes of a paper-preset step."""
     info = task_info(cfg.task)
-    L = C.sequence_length(cfg)
+    L = sequence_length(cfg)
     shape = (batch, 2, L) if info.two_tower else (batch, L)
     low = 0 if info.is_pixel else 1  # id 0 is padding for token tasks
     x = torch.randint(low, info.vocab_size, shape, generator=generator)
@@ -124,34 +126,11 @@ def _forward_flops(model, cfg) -> int:
     return counter.get_total_flops()
 
 
-def _rss_status(key: str) -> int:
-    """VmRSS / VmHWM of this process in bytes (Linux), 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    try:  # "5" resets the peak resident set size VmHWM (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _timed_steps(model, cfg, batch: int) -> tuple[float, int]:
     """Seconds of the second of two AdamW steps at `batch`, and the peak RSS they added (bytes)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = example_batch(cfg, batch, torch.Generator().manual_seed(3))
-    rss0 = _rss_status("VmRSS")
-    if not _reset_peak_rss():
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = RssPeak()
     seconds = 0.0
     for _ in range(2):
         t0 = time.perf_counter()
@@ -159,8 +138,7 @@ def _timed_steps(model, cfg, batch: int) -> tuple[float, int]:
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         seconds = time.perf_counter() - t0
-    peak = _rss_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return seconds, max(peak - rss0, 0)
+    return seconds, rss.added()
 
 
 def measure_case(task: str, model_name: str, batch: int, timed: bool = True) -> dict:
@@ -168,14 +146,14 @@ def measure_case(task: str, model_name: str, batch: int, timed: bool = True) -> 
     from experiments.lra.models import build_model
 
     torch.manual_seed(0)
-    cfg = C.preset_config(task, model_name, "paper")
+    cfg = preset_config(task, model_name, "paper")
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     timing = _timed_steps(model, cfg, batch) if timed else None  # first: the FLOP passes raise the peak
     f1 = _train_flops(model, cfg, 1)
     # A Transformer step is exactly linear in the batch; an SSM step also computes its filter once.
     f2 = 2 * f1 if model_name == "transformer" else _train_flops(model, cfg, 2)
-    out = {"task": task, "model": model_name, "seq_len": C.sequence_length(cfg), "params": n_params,
+    out = {"task": task, "model": model_name, "seq_len": sequence_length(cfg), "params": n_params,
            "paper_batch": cfg.data.batch_size, "flops_b1": f1, "flops_b2": f2,
            "flops_step": f1 + (f2 - f1) * (cfg.data.batch_size - 1), "flops_fwd_example": _forward_flops(model, cfg),
            "batch": batch}
@@ -186,7 +164,7 @@ def measure_case(task: str, model_name: str, batch: int, timed: bool = True) -> 
 
 def run_steps(task: str, model_name: str) -> int:
     """Optimizer steps of the whole paper run (the schedule's own count where it is step-bounded)."""
-    cfg = C.preset_config(task, model_name, "paper")
+    cfg = preset_config(task, model_name, "paper")
     per_epoch = math.ceil(task_info(task).n_train / cfg.data.batch_size)
     steps = cfg.train.epochs * per_epoch
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps is not None else steps
@@ -194,7 +172,7 @@ def run_steps(task: str, model_name: str) -> int:
 
 def gpu_hours(row: dict, utilization: float) -> float:
     """Estimated H100 hours of the whole run: training steps plus one validation pass per epoch."""
-    cfg = C.preset_config(row["task"], row["model"], "paper")
+    cfg = preset_config(row["task"], row["model"], "paper")
     steps = run_steps(row["task"], row["model"])
     epochs = math.ceil(steps * cfg.data.batch_size / task_info(row["task"]).n_train)
     val = epochs * task_info(row["task"]).n_val * row["flops_fwd_example"]
@@ -217,12 +195,12 @@ def write_full_length(root, task: str, n: int = 4):
 
     ListOps: flat `[MAX d ... d ]` trees of exactly 2,000 tokens (label: their maximum); Text and
     Retrieval: documents longer than 4,096 / 4,000 bytes; the image tasks use the fixtures of
-    `experiments.lra.fixtures`, whose images have the full size already.
+    `experiments.lra.data.fixtures`, whose images have the full size already.
     """
     import random
     from pathlib import Path
 
-    from experiments.lra.fixtures import write_fixtures
+    from experiments.lra.data.fixtures import write_fixtures
     root, rng, info = Path(root), random.Random(11), task_info(task)
     if info.is_pixel:
         return write_fixtures(root, task)
@@ -258,16 +236,15 @@ def full_length_steps(task: str, model_name: str, data_dir, batch: int, steps: i
     from experiments.lra.data import collate, load_task
     from experiments.lra.models import build_model, make_optimizer
 
-    cfg = C.build_config(task, model_name, "paper", {"data.batch_size": str(batch), "data.max_len": "None"})
+    cfg = build_config(task, model_name, "paper", {"data.batch_size": str(batch), "data.max_len": "None"})
     torch.manual_seed(cfg.train.seed)
     loader = DataLoader(load_task(task, data_dir)["train"], batch_size=batch, shuffle=False, collate_fn=collate)
     model = build_model(cfg)
     opt = make_optimizer(model, cfg)
-    paper_batch = C.preset_config(task, model_name, "paper").data.batch_size
+    paper_batch = preset_config(task, model_name, "paper").data.batch_size
     total = cfg.train.epochs * math.ceil(task_info(task).n_train / paper_batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: C.lr_multiplier(cfg.optim, t, total))
-    rss0 = _rss_status("VmRSS")
-    _reset_peak_rss()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_multiplier(cfg.optim, t, total))
+    rss = RssPeak()
     losses, seconds, shape = [], [], None
     for _, (x, lengths, y) in zip(range(steps), loader):
         t0 = time.perf_counter()
@@ -282,7 +259,7 @@ def full_length_steps(task: str, model_name: str, data_dir, batch: int, steps: i
         losses.append(loss.item())
         shape = list(x.shape)
     return {"task": task, "model": model_name, "batch": batch, "input_shape": shape, "losses": losses,
-            "seconds": seconds, "peak_rss_bytes": max(_rss_status("VmHWM") - rss0, 0)}
+            "seconds": seconds, "peak_rss_bytes": rss.added()}
 
 
 def _subprocess_json(args: list[str], timeout: float, task: str, model: str) -> dict:
@@ -298,8 +275,9 @@ def _subprocess_json(args: list[str], timeout: float, task: str, model: str) -> 
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _subprocess_case(task: str, model: str, batch: int, timeout: float) -> dict:
-    return _subprocess_json(["--one", task, model, "--batch", str(batch)], timeout, task, model)
+def _subprocess_case(task: str, model: str, batch: int, timeout: float, *, timed: bool = True) -> dict:
+    args = ["--one", task, model, "--batch", str(batch)] + ([] if timed else ["--no-time"])
+    return _subprocess_json(args, timeout, task, model)
 
 
 def full_length_batch(task: str, model: str) -> int:
@@ -351,7 +329,7 @@ def markdown(rows: list[dict], utilization: float) -> str:
             lines.append(f"| {r['task']} | {r['model']} | | | | | {r['error']} | | | | |")
             continue
         minutes, gpu = PUBLISHED_EPOCH[r["task"]]
-        epochs = C.preset_config(r["task"], r["model"], "paper").train.epochs
+        epochs = preset_config(r["task"], r["model"], "paper").train.epochs
         published = f"{minutes} min/epoch ({gpu}) = {minutes * epochs / 60:.1f} h" if r["model"] == "s4" else ""
         rss = f"{r['peak_rss_bytes'] / 2**30:.2f} GiB" if "peak_rss_bytes" in r else ""
         cpu = f"{r['cpu_step_s']:.1f} ({r['batch']})" if "cpu_step_s" in r else ""
@@ -366,7 +344,7 @@ def _published_ratio(rows: list[dict], utilization: float) -> tuple[float, float
     ratios = []
     for r in rows:
         if r.get("model") == "s4" and "error" not in r and PUBLISHED_EPOCH[r["task"]][1] == "A100":
-            hours = PUBLISHED_EPOCH[r["task"]][0] * C.preset_config(r["task"], "s4", "paper").train.epochs / 60
+            hours = PUBLISHED_EPOCH[r["task"]][0] * preset_config(r["task"], "s4", "paper").train.epochs / 60
             ratios.append(hours / gpu_hours(r, utilization))
     return (min(ratios), max(ratios)) if ratios else (float("nan"), float("nan"))
 
@@ -404,8 +382,8 @@ def readme_section(rows: list[dict], full_rows: list[dict], utilization: float) 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m experiments.lra.cost", description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", nargs="+", default=list(C.TASKS), choices=C.TASKS)
-    p.add_argument("--models", nargs="+", default=list(C.MODELS), choices=C.MODELS)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--batch", type=int, default=1, help="batch of the measured CPU steps")
     p.add_argument("--utilization", type=float, default=0.3, help="fraction of the H100 bf16 dense peak")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
@@ -416,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--one", nargs=2, metavar=("TASK", "MODEL"), help=argparse.SUPPRESS)
     p.add_argument("--full-one", nargs=3, metavar=("TASK", "MODEL", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.full_length and args.no_time:
+        p.error("--no-time does not apply to --full-length (it measures the steps' time and memory)")
     torch.set_num_threads(1)
     if args.one:
         print(json.dumps(measure_case(*args.one, batch=args.batch, timed=not args.no_time)))
@@ -429,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for task in args.tasks:
             for model in args.models:
-                rows.append(_subprocess_case(task, model, args.batch, args.timeout))
+                rows.append(_subprocess_case(task, model, args.batch, args.timeout, timed=not args.no_time))
                 print(f"[cost] {task} {model}: {rows[-1]}", file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -27,6 +27,7 @@ adds at batch b:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import weakref
 from dataclasses import dataclass
@@ -97,7 +98,10 @@ def _tensor_bytes(model: torch.nn.Module, shape: tuple[int, ...], device: torch.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    state = {name: fake_mode.from_tensor(t) for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+    # Integer scalars stay real: a layer may read one as a setting (the S4 length `fixed_l_max`),
+    # which a fake tensor cannot answer; they hold no memory worth counting.
+    state = {name: t if (t.dim() == 0 and not t.is_floating_point()) else fake_mode.from_tensor(t)
+             for name, t in list(model.named_parameters()) + list(model.named_buffers())}
     params = [state[name] for name, p in model.named_parameters() if p.requires_grad]
     with fake_mode:
         x = torch.ones(shape, dtype=torch.long, device=device)  # id 1 is a real token in every vocabulary
@@ -129,12 +133,25 @@ def _fixed_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return params, optim
 
 
+def _without_value_checks(probe: torch.nn.Module) -> torch.nn.Module:
+    """Prepare the probe for fake tensors, which have no values: turn off the layers' input-value
+    checks (`check_finite`, which allocate nothing worth counting) and read every S4 length once
+    (`l_max` is kept in a buffer and remembered after its first read)."""
+    for module in probe.modules():
+        if hasattr(module, "fixed_l_max"):
+            module.l_max  # noqa: B018  (the read is the point)
+        settings = getattr(module, "config", None)
+        if dataclasses.is_dataclass(settings) and hasattr(settings, "check_finite"):
+            settings.check_finite = False
+    return probe
+
+
 def tensor_estimate(model: torch.nn.Module, *, seq_shape: tuple[int, ...], device: torch.device,
                     amp: bool) -> Estimate:
     """Lower-bound estimate from tensor bytes alone; `seq_shape` is one example's ids ((L,) or (2, L))."""
     # A copy: layers may cache things on their first call (S4 fixes its kernel length), which must
     # not leak from the probe's full-length batch into the run.
-    probe = copy.deepcopy(model).train()
+    probe = _without_value_checks(copy.deepcopy(model).train())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         b1 = _tensor_bytes(probe, (1, *seq_shape), device, amp)
         b2 = _tensor_bytes(probe, (2, *seq_shape), device, amp)

@@ -13,53 +13,40 @@
   DistributedDataParallel, no `find_unused_parameters`).
 - Transformer positions: "sinusoidal"/"learned" are added at the input; "rope", "rope2d" (pixel
   grids) and "alibi" live inside attention, with any RoPE scaling of `ssm.layers.rope`
-  (`config.rope_scaling_dict`). Task descriptions: `docs/lra.md`.
+  (`config.rope_scaling_dict`), set on the nested `model.attention` config by `layer_config`.
+  Learning rates are not layer settings: `make_optimizer` applies `optim.ssm_lr` / `optim.dt_lr`.
+  Task descriptions: `docs/lra.md`.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 
-from experiments.lra.config import ATTENTION_POS, Config, rope_scaling_dict
-from experiments.lra.tasks import task as task_info
+from experiments.lra.config import ATTENTION_POS, Config, rope_scaling_dict, sequence_length
+from experiments.lra.tasks import task_info
 
 
-def _ssm_kwargs(cfg: Config) -> dict:
-    m, o = cfg.model, cfg.optim
-    kwargs = {"d_state": m.d_state, "norm": m.norm, "bidirectional": m.bidirectional, "dt_min": m.dt_min,
-              "dt_max": m.dt_max, "n_ssm": m.n_ssm, "dt_transform": m.dt_transform, "tie_dropout": m.tie_dropout,
-              "ssm_lr": o.ssm_lr, "dt_lr": o.dt_lr}
-    if m.init is not None:
-        kwargs["init"] = m.init
-    return kwargs
+def layer_config(cfg: Config, train_len: int):
+    """The layer config of the configured model type, with the fields the model sets itself.
 
-
-def _attention_kwargs(cfg: Config, train_len: int) -> dict:
-    m = cfg.model
-    kwargs = {"n_heads": m.n_heads}
-    if m.d_mlp is not None:
-        kwargs["d_mlp"] = m.d_mlp
-    if m.pos in ATTENTION_POS:
-        kwargs["pos"] = m.pos
-        kwargs["max_len"] = train_len
-        if m.pos in ("rope", "rope2d"):
-            kwargs["rope_scaling"] = rope_scaling_dict(cfg)
-            kwargs["rope_base"] = m.rope_base
-        if m.pos == "rope2d":
-            kwargs["grid_width"] = task_info(cfg.task).resolution if cfg.data.pathfinder_resolution is None \
-                else cfg.data.pathfinder_resolution
-    return kwargs
-
-
-def layer_kwargs(cfg: Config, max_len: int | None = None) -> dict:
-    """Keyword arguments of the residual block for the configured model type.
-
-    `max_len` is the training sequence length (with the CLS token where there is one); attention
-    positions that depend on it (log-n, YaRN, ...) take it as their training length.
+    `train_len` is the training sequence length (with the CLS token where there is one); attention
+    positions that depend on it (log-n, YaRN, ...) take it as their training length, and an S4
+    (DPLR) layer relates its learned C to it.
     """
-    if cfg.model_name == "transformer":
-        return _attention_kwargs(cfg, max_len)
-    return _ssm_kwargs(cfg)
+    m = cfg.model
+    if cfg.model_name != "transformer":
+        return dataclasses.replace(m.ssm, mode="dplr" if cfg.model_name == "s4" else "diag", l_max=None)
+    att = dataclasses.replace(m.attention, pos="none", max_len=None, grid_width=None, rope_scaling=None)
+    if m.pos in ATTENTION_POS:
+        att.pos, att.max_len = m.pos, train_len
+        if m.pos in ("rope", "rope2d"):
+            att.rope_scaling = rope_scaling_dict(cfg)
+        if m.pos == "rope2d":
+            att.grid_width = task_info(cfg.task).resolution if cfg.data.pathfinder_resolution is None \
+                else cfg.data.pathfinder_resolution
+    return att
 
 
 def _backbone(cfg: Config, *, d_output: int, vocab_size: int | None, d_input: int | None,
@@ -69,11 +56,15 @@ def _backbone(cfg: Config, *, d_output: int, vocab_size: int | None, d_input: in
     m = cfg.model
     if m.pooling == "cls":
         max_len += 1  # the CLS token is appended after the last real position
-    pos = "none" if m.pos in ATTENTION_POS else m.pos
-    return SequenceModel(
+    model = SequenceModel(
         d_output, vocab_size=vocab_size, d_input=d_input, d_model=m.d_model, n_layers=m.n_layers,
-        layer=cfg.model_name, layer_kwargs=layer_kwargs(cfg, max_len), pooling=m.pooling, pos=pos,
-        max_len=max_len, prenorm=m.prenorm, dropout=m.dropout, device=device, dtype=dtype)
+        layer=cfg.model_name, layer_config=layer_config(cfg, max_len), block=m.block,
+        bidirectional=m.bidirectional, pooling=m.pooling, pos="none" if m.pos in ATTENTION_POS else m.pos,
+        max_len=max_len, device=device, dtype=dtype)
+    # An S4 (DPLR) layer's learned C belongs to one length: the longest sequence of the run (left
+    # unset, the first batch would fix it to that batch's length).
+    model.set_l_max(max_len)
+    return model
 
 
 def make_head(cfg: Config, d_in: int, n_classes: int, device=None, dtype=None) -> nn.Module:
@@ -140,9 +131,7 @@ class RetrievalClassifier(nn.Module):
 def build_model(cfg: Config, *, n_classes: int | None = None, vocab_size: int | None = None,
                 max_len: int | None = None, dual: bool | None = None, device=None, dtype=None) -> nn.Module:
     """The LRA model for `cfg.task` / `cfg.model_name`; sizes default to the task table (`tasks.py`)
-    and `config.sequence_length(cfg)`."""
-    from experiments.lra.config import sequence_length
-
+    and `config.sequence_length(cfg)`, which also fixes the S4 (DPLR) layers' length."""
     info = task_info(cfg.task)
     n_classes = info.n_classes if n_classes is None else n_classes
     vocab_size = info.vocab_size if vocab_size is None else vocab_size
@@ -152,21 +141,16 @@ def build_model(cfg: Config, *, n_classes: int | None = None, vocab_size: int | 
     return cls(cfg, n_classes=n_classes, vocab_size=vocab_size, max_len=max_len, device=device, dtype=dtype)
 
 
-def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    """AdamW parameter groups of the configured optimizer settings (`ssm.param_groups`).
-
-    Parameters carrying `_optim` (the SSM's A, B, P, dt) get their own lr (absent: `optim.lr`) and no
-    weight decay; the others get `optim.lr` and `optim.weight_decay`, except vectors (biases, norm
-    scales), which get no decay unless `optim.decay_vectors` (the public setups decay them).
-    """
-    from ssm.layers.params import param_groups as ssm_param_groups
-
-    o = cfg.optim
-    return ssm_param_groups(model, o.lr, o.weight_decay, decay_vectors=o.decay_vectors)
-
-
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over `param_groups` with the configured betas and eps."""
+    """AdamW with the configured betas and eps over `ssm.param_groups`.
+
+    The SSM's A, B (and P) get `optim.ssm_lr`, its dt `optim.dt_lr` (None: `optim.lr`), both without
+    weight decay; the others get `optim.lr` and `optim.weight_decay`, except vectors (biases,
+    norm scales), which get no decay unless `optim.decay_vectors` (the public setups decay them).
+    """
+    from ssm import param_groups
+
     o = cfg.optim
-    return torch.optim.AdamW(param_groups(model, cfg), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    groups = param_groups(model, o.lr, o.weight_decay, ssm_lr=o.ssm_lr, dt_lr=o.dt_lr, decay_vectors=o.decay_vectors)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              weight_decay=o.weight_decay)

@@ -91,21 +91,63 @@ def _average(values: list[float | None]) -> float:
     return sum(50.0 if v is None else v for v in values) / len(values)
 
 
+def _rank(res: dict) -> tuple[bool, int]:
+    """Order of preference among runs of one (model, preset, task): finished first, then most steps."""
+    return bool(res.get("completed")), int(res.get("steps") or 0)
+
+
+def _state(res: dict) -> str:
+    steps = res.get("steps", "?")
+    if res.get("completed"):
+        return f"completed, {steps} steps"
+    return f"unfinished, stopped at step {steps}" if "completed" in res else f"{steps} steps, completion not recorded"
+
+
+def choose_runs(results: list[dict]) -> tuple[dict[tuple[str, str], dict[str, dict]], list[str]]:
+    """The run behind each headline cell: per (model, preset, task) the finished run with the most
+    steps (ties: the later argument); an unfinished run only when no finished one exists.
+
+    Returns {(model, preset): {task: result}} and one note per cell that had a choice to make or
+    holds an unfinished run, naming the run chosen and the ones left out.
+    """
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for res in results:
+        groups.setdefault((res["model"], res["preset"], res["task"]), []).append(res)
+    chosen: dict[tuple[str, str], dict[str, dict]] = {}
+    notes = []
+    for (model, preset, task), runs in groups.items():
+        best = max(reversed(runs), key=_rank)  # reversed: max keeps the first of equals, i.e. the later run
+        chosen.setdefault((model, preset), {})[task] = best
+        others = [r for r in runs if r is not best]
+        if others or not best.get("completed"):
+            left = "; left out: " + ", ".join(f"{r['path']} ({_state(r)})" for r in others) if others else ""
+            flag = "" if best.get("completed") else " -- NOT a finished run (marked * in the table)"
+            notes.append(f"{MODEL_LABELS.get(model, model)} ({preset}) {task}: {best['path']} "
+                         f"({_state(best)}){flag}{left}")
+    return chosen, notes
+
+
 def markdown_table(results: list[dict], *, published: bool = True) -> str:
-    """One row per published model, then one per (model, preset) measured; cells are test acc %."""
+    """One row per published model, then one per (model, preset) measured; cells are test acc %.
+
+    Each measured cell is the run `choose_runs` picks; an unfinished run's cell carries a `*`, and
+    the notes under the table say which run each cell with a choice came from.
+    """
     header = "| model | " + " | ".join(name for _, name in TASK_COLUMNS) + " | Avg |"
     lines = [header, "|" + "---|" * (len(TASK_COLUMNS) + 2)]
     if published:
         for name, accs in PUBLISHED.items():
             lines.append(f"| {name} (published) | " + " | ".join(map(_fmt, accs)) + f" | {_average(list(accs)):.2f} |")
-    rows: dict[tuple[str, str], dict[str, float]] = {}
-    for res in results:
-        # A later run of the same (model, preset, task) replaces an earlier one in the table.
-        rows.setdefault((res["model"], res["preset"]), {})[res["task"]] = 100.0 * res["test_acc"]
-    for (model, preset), accs in rows.items():
-        cells = [_fmt(accs[t]) if t in accs else "-" for t, _ in TASK_COLUMNS]
+    chosen, notes = choose_runs(results)
+    for (model, preset), runs in chosen.items():
+        accs = {t: 100.0 * r["test_acc"] for t, r in runs.items()}
+        cells = [(_fmt(accs[t]) + ("" if runs[t].get("completed") else "*")) if t in accs else "-"
+                 for t, _ in TASK_COLUMNS]
         avg = f"{_average([accs[t] for t, _ in TASK_COLUMNS]):.2f}" if len(accs) == len(TASK_COLUMNS) else "-"
         lines.append(f"| {MODEL_LABELS.get(model, model)} ({preset}, this repo) | " + " | ".join(cells) + f" | {avg} |")
+    if notes:
+        lines += ["", "Runs behind the cells above (finished runs first, then the most steps):", ""]
+        lines += [f"- {n}" for n in notes]
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """The six Long Range Arena tasks: one table of facts shared by config, data, models and train.
 
-Each task is a frozen `Task`; `TASKS` is the tuple of names in the LRA paper's order, `task(name)`
+Each task is a frozen `Task`; `TASKS` is the tuple of names in the LRA paper's order, `task_info(name)`
 looks one up (ValueError naming the allowed names otherwise). Descriptions of the tasks, their data
 and their tokenization: `docs/lra.md`.
 """
@@ -79,7 +79,7 @@ TASKS: tuple[str, ...] = tuple(TASK_TABLE)
 PIXEL_TASKS: tuple[str, ...] = tuple(t.name for t in _TABLE if t.is_pixel)
 
 
-def task(name: str) -> Task:
+def task_info(name: str) -> Task:
     """The `Task` called `name`."""
     if name not in TASK_TABLE:
         raise ValueError(f"task must be one of {TASKS}, got {name!r}")

@@ -66,7 +66,7 @@ def _lra_checkpoint(path, *, bidirectional: bool):
     from experiments.lra.config import Config
     from experiments.lra.models import build_model
     cfg = Config(task="listops", model_name="s4d")
-    cfg.model.d_model, cfg.model.n_layers, cfg.model.d_state = 16, 1, 8
+    cfg.model.d_model, cfg.model.n_layers, cfg.model.ssm.d_state = 16, 1, 8
     cfg.model.bidirectional, cfg.model.pooling = bidirectional, "last"
     torch.manual_seed(0)
     model = build_model(cfg)

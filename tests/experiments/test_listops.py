@@ -3,7 +3,7 @@ import collections
 
 import pytest
 
-from experiments.lra import generate, listops
+from experiments.lra.data import generate, listops
 from experiments.lra.data import load_task
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments.lra import listops
+from experiments.lra.data import listops
 from experiments.lra.data import LISTOPS_VOCAB, collate, load_task
-from experiments.lra.fixtures import write_fixtures
+from experiments.lra.data.fixtures import write_fixtures
 from experiments.lra.tasks import TASKS
-from experiments.lra.tasks import task as task_info
+from experiments.lra.tasks import task_info
 
 SPLIT_SIZES = {
     "listops": (8, 8, 8),
@@ -142,8 +142,8 @@ def test_collate_pads_with_pad_id():
 
 
 @pytest.mark.parametrize("task,needle", [
-    ("listops", "python -m experiments.lra.generate listops"),
-    ("pathfinder", "python -m experiments.lra.generate pathfinder"),
+    ("listops", "python -m experiments.lra.data.generate listops"),
+    ("pathfinder", "python -m experiments.lra.data.generate pathfinder"),
     ("pathx", "--resolution 128"),
     ("text", "aclImdb"),
     ("retrieval", "new_aan_pairs.train.tsv"),

@@ -10,10 +10,10 @@ import math
 
 import pytest
 
-from experiments.lra import config as C
+from experiments.lra import config, presets
 from experiments.lra import cost
 from experiments.lra.data import load_task
-from experiments.lra.tasks import task as task_info
+from experiments.lra.tasks import task_info
 
 
 def _full_shape(task: str, batch: int) -> list[int]:
@@ -32,8 +32,8 @@ def test_generated_files_reach_the_full_length(task, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", C.MODELS)
-@pytest.mark.parametrize("task", C.TASKS)
+@pytest.mark.parametrize("model", config.MODELS)
+@pytest.mark.parametrize("task", config.TASKS)
 def test_two_paper_steps_at_full_length(task, model, tmp_path):
     data_dir = cost.write_full_length(tmp_path, task)
     batch = cost.full_length_batch(task, model)
@@ -65,7 +65,7 @@ def test_fft_and_cpu_attention_flops_are_counted():
 
 def test_run_steps_match_the_public_schedules():
     # S4 ListOps: 40 epochs x 96,000 / 32 = the file's num_training_steps (120,000).
-    assert cost.run_steps("listops", "s4") == C.preset_config("listops", "s4", "paper").optim.schedule_steps
+    assert cost.run_steps("listops", "s4") == presets.preset_config("listops", "s4", "paper").optim.schedule_steps
     assert cost.run_steps("pathx", "s4d") == 500_000 and cost.run_steps("image", "s4") == 180_000
     assert cost.run_steps("listops", "transformer") == 5000  # LRA num_train_steps
     row = {"task": "image", "model": "s4", "flops_step": 1e12, "flops_fwd_example": 1e9}

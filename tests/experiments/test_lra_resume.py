@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.lra import train
-from experiments.lra.fixtures import write_fixtures
+from experiments.lra import loop, train
+from experiments.lra.data.fixtures import write_fixtures
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--model.d_model=8", "--model.n_layers=1", "--model.d_state=4", "--train.progress=false",
-        "--train.log_every=1", "--data.batch_size=3", "--model.dropout=0.3", "--train.epochs=3"]
+TINY = ["--model.d_model=8", "--model.n_layers=1", "--model.ssm.d_state=4", "--train.progress=false",
+        "--train.log_every=1", "--data.batch_size=3", "--model.ssm.dropout=0.3", "--train.epochs=3"]
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def test_checkpoint_every_and_crash_resume_is_bit_identical(data, tmp_path, monk
     """A crash after step 5 loses nothing but steps 5: resuming from the step-4 checkpoint (mid-epoch:
     3 steps per epoch) ends with the same weights, bit for bit, as a run never interrupted."""
     _run(_argv(data, tmp_path / "full", "--max-steps", "8"))
-    real_step = train.train_step
+    real_step = loop.train_step
     calls = {"n": 0}
 
     def crashing_step(tr, *batch):
@@ -67,10 +67,10 @@ def test_checkpoint_every_and_crash_resume_is_bit_identical(data, tmp_path, monk
             raise _Crash("simulated SIGKILL before step 6")
         return real_step(tr, *batch)
 
-    monkeypatch.setattr(train, "train_step", crashing_step)
+    monkeypatch.setattr(loop, "train_step", crashing_step)
     with pytest.raises(_Crash):
         _run(_argv(data, tmp_path / "cut", "--max-steps", "8"), checkpoint_every=2)
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(loop, "train_step", real_step)
     ckpt = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
     assert ckpt["state"]["step"] == 4 and ckpt["state"]["batch_in_epoch"] == 1  # mid-epoch
     assert not list((tmp_path / "cut").glob("*.tmp"))  # written through a temporary file, renamed

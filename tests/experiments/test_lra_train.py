@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.lra import config as C
-from experiments.lra import train
-from experiments.lra.fixtures import write_fixtures
+from experiments.lra import config, overrides, presets, schedules
+from experiments.lra import train, trainer
+from experiments.lra.data.fixtures import write_fixtures
 
 REPO = Path(__file__).resolve().parents[2]
 # Tiny models: the point is that every task/model pair runs end to end, not accuracy.
-TINY = ["--model.d_model=8", "--model.n_layers=1", "--model.d_state=4", "--model.n_heads=2", "--model.d_mlp=16",
+TINY = ["--model.d_model=8", "--model.n_layers=1", "--model.ssm.d_state=4", "--model.attention.n_heads=2", "--model.attention.d_mlp=16",
         "--data.batch_size=2", "--train.progress=false", "--train.log_every=1"]
 
 
@@ -33,7 +33,7 @@ def _reference_kernels(monkeypatch):
 @pytest.fixture(scope="module")
 def fixture_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("lra_fixtures")
-    return {task: write_fixtures(root / task, task) for task in C.TASKS}
+    return {task: write_fixtures(root / task, task) for task in config.TASKS}
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -43,24 +43,33 @@ def _metrics(run_dir: Path) -> list[dict]:
 # --- config -----------------------------------------------------------------------------------
 
 def test_split_overrides_both_forms():
-    rest, ov = C.split_overrides(["--task", "listops", "--model.d_state=16", "--optim.lr", "3e-3", "--resume"])
+    rest, ov = overrides.split_overrides(["--task", "listops", "--model.ssm.d_state=16", "--optim.lr", "3e-3", "--resume"])
     assert rest == ["--task", "listops", "--resume"]
-    assert ov == {"model.d_state": "16", "optim.lr": "3e-3"}
+    assert ov == {"model.ssm.d_state": "16", "optim.lr": "3e-3"}
 
 
 def test_apply_overrides_types():
-    cfg = C.apply_overrides(C.preset_config("listops", "s4d", "cpu-small"), {
-        "model.d_state": "16", "optim.lr": "3e-3", "model.bidirectional": "false", "model.init": "none",
+    cfg = overrides.apply_overrides(presets.preset_config("listops", "s4d", "cpu-small"), {
+        "model.ssm.d_state": "16", "optim.lr": "3e-3", "model.bidirectional": "false", "model.ssm.init": "lin",
         "data.max_len": "128", "model.pooling": "last", "train.max_steps": "None"})
-    assert cfg.model.d_state == 16 and isinstance(cfg.model.d_state, int)
-    assert cfg.optim.lr == 3e-3 and cfg.model.bidirectional is False and cfg.model.init is None
+    assert cfg.model.ssm.d_state == 16 and isinstance(cfg.model.ssm.d_state, int)
+    assert cfg.optim.lr == 3e-3 and cfg.model.bidirectional is False and cfg.model.ssm.init == "lin"
+    assert cfg.model.ssm.bidirectional is False  # follows model.bidirectional
     assert cfg.data.max_len == 128 and cfg.model.pooling == "last" and cfg.train.max_steps is None
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("model.d_stat", "4", r"unknown field --model.d_stat; fields of \[model\]: d_model, n_layers, d_state"),
+    ("model.d_stat", "4", r"unknown field --model.d_stat; fields of \[model\]: d_model, n_layers, bidirectional"),
+    ("model.ssm.d_stat", "4", r"unknown field --model.ssm.d_stat; fields of \[model.ssm\]: d_state, mode"),
+    ("model.ssm", "4", r"--model.ssm is a group of fields; set one of them: --model.ssm.<d_state, mode"),
+    ("model.d_state", "64", r"--model.d_state has moved: use --model.ssm.d_state"),
+    ("model.norm", "batch", r"--model.norm has moved: use --model.block.norm"),
+    ("model.n_heads", "2", r"--model.n_heads has moved: use --model.attention.n_heads"),
+    ("model.ssm.mode", "dplr", r"--model.ssm.mode is set by the model from the model name"),
+    ("model.attention.bidirectional", "false", r"set by the model from --model.bidirectional"),
+    ("model.block.norm", "group", r"--model.block.norm must be one of \('layer', 'batch'\)"),
     ("nosection.x", "1", r"section one of \('data', 'model', 'optim', 'train'\)"),
-    ("model.d_state", "4.5", r"--model.d_state: expected int, got '4.5'"),
+    ("model.ssm.d_state", "4.5", r"--model.ssm.d_state: expected int, got '4.5'"),
     ("optim.lr", "fast", r"--optim.lr: expected float"),
     ("model.bidirectional", "maybe", r"expected a boolean"),
     ("model.pooling", "max", r"--model.pooling must be one of \('mean', 'last', 'cls'\)"),
@@ -68,14 +77,14 @@ def test_apply_overrides_types():
 ])
 def test_apply_overrides_errors(key, value, match):
     with pytest.raises(ValueError, match=match):
-        C.apply_overrides(C.preset_config("listops", "s4d"), {key: value})
+        overrides.apply_overrides(presets.preset_config("listops", "s4d"), {key: value})
 
 
 def test_parse_args_cli(tmp_path):
     args, cfg = train.parse_args(["--task", "image", "--model", "s4", "--data-dir", str(tmp_path), "--preset", "paper",
-                                  "--max-steps", "7", "--seed", "3", "--model.dropout=0.1"])
+                                  "--max-steps", "7", "--seed", "3", "--model.ssm.dropout=0.1"])
     assert (cfg.task, cfg.model_name, cfg.preset) == ("image", "s4", "paper")
-    assert cfg.train.max_steps == 7 and cfg.train.seed == 3 and cfg.model.dropout == 0.1
+    assert cfg.train.max_steps == 7 and cfg.train.seed == 3 and cfg.model.ssm.dropout == 0.1
     assert args.out == Path("runs/lra/image-s4-paper")
     with pytest.raises(SystemExit):
         train.parse_args(["--task", "mnist", "--model", "s4", "--data-dir", str(tmp_path)])
@@ -86,22 +95,23 @@ def test_cli_rejects_unknown_field(capsys):
         train.parse_args(["--task", "listops", "--model", "s4d", "--data-dir", ".", "--model.d_stat=3"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "unknown field --model.d_stat; fields of [model]: d_model, n_layers, d_state" in err
+    assert "unknown field --model.d_stat; fields of [model]: d_model, n_layers, bidirectional" in err
 
 
 def test_schedule_and_warmup_frac_reach_the_optimizer(fixture_root, tmp_path):
-    """The lr logged at every step is lr * config.lr_multiplier(step) with warmup_frac of all steps."""
+    """The lr logged at every step is the one that step used: lr * lr_multiplier(step - 1) (record
+    `step` counts the steps done), with warmup_frac of all steps."""
     out = tmp_path / "lr"
     res = train.main(["--task", "listops", "--model", "s4d", "--data-dir", str(fixture_root["listops"]),
                       "--out", str(out), *TINY, "--data.batch_size=3", "--train.epochs=3",
                       "--optim.warmup_frac=0.34", "--optim.lr=0.02"])
-    cfg = C.build_config("listops", "s4d", "cpu-small", {"optim.warmup_frac": "0.34"})
+    cfg = presets.build_config("listops", "s4d", "cpu-small", {"optim.warmup_frac": "0.34"})
     total = 9  # 8 examples, batch 3: 3 steps per epoch, 3 epochs
-    assert C.warmup_and_total(cfg.optim, total)[0] == 3
+    assert schedules.warmup_and_total(cfg.optim, total)[0] == 3
     lrs = {r["step"]: r["lr"] for r in _metrics(out) if r["split"] == "train"}
     assert res["steps"] == total and sorted(lrs) == list(range(1, total + 1))
-    for step, lr in lrs.items():  # logged after the step: the multiplier of the next one
-        assert lr == pytest.approx(0.02 * C.lr_multiplier(cfg.optim, step, total), rel=1e-12), step
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(0.02 * schedules.lr_multiplier(cfg.optim, step - 1, total), rel=1e-12), step
 
 
 @pytest.mark.parametrize("clip, calls", [(0.0, 0), (0.5, 2)])
@@ -117,8 +127,8 @@ def test_grad_clip_zero_means_no_clipping(fixture_root, tmp_path, monkeypatch, c
 
 # --- training ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", C.MODELS)
-@pytest.mark.parametrize("task", C.TASKS)
+@pytest.mark.parametrize("model", config.MODELS)
+@pytest.mark.parametrize("task", config.TASKS)
 def test_one_step_every_task_and_model(task, model, fixture_root, tmp_path):
     out = tmp_path / "run"
     # Path-X fixtures are 128x128; cap the sequence so the attention baseline stays small.
@@ -139,7 +149,7 @@ def test_one_step_every_task_and_model(task, model, fixture_root, tmp_path):
 
 def _run(data_dir: Path, out: Path, *args: str) -> dict:
     return train.main(["--task", "listops", "--model", "s4d", "--data-dir", str(data_dir), "--out", str(out),
-                       *TINY, "--data.batch_size=3", "--model.dropout=0.3", "--train.epochs=3", *args])
+                       *TINY, "--data.batch_size=3", "--model.ssm.dropout=0.3", "--train.epochs=3", *args])
 
 
 def test_resume_continues_exactly(fixture_root, tmp_path):
@@ -213,7 +223,7 @@ def test_quickstart_data_fits_the_cpu_small_length(tmp_path, caplog):
     from experiments.lra import quickstart
     from experiments.lra.data import load_task
 
-    cfg = C.build_config("listops", "s4d", "cpu-small")
+    cfg = presets.build_config("listops", "s4d", "cpu-small")
     assert cfg.data.max_len is None or quickstart.MAX_LENGTH <= cfg.data.max_len
     with caplog.at_level(logging.WARNING, logger="experiments.lra.data"):
         ds = load_task("listops", quickstart.generate_data(tmp_path, n=(30, 10, 10)), max_len=cfg.data.max_len)
@@ -293,12 +303,12 @@ def test_memory_refusal_names_estimate_available_and_batch(fixture_root, tmp_pat
     argv = _listops_argv(fixture_root["listops"], tmp_path / "run", "--data.batch_size=8", "--model.d_model=32",
                          "--max-steps", "1")
     args, cfg = train.parse_args(argv)
-    rt = train.Runtime(0, 1, torch.device("cpu"), False)
-    splits = train.load_splits(cfg, args.data_dir, rt)
-    tr = train.build(cfg, rt, splits, args.out)
+    rt = trainer.Runtime(0, 1, torch.device("cpu"), False)
+    splits = trainer.load_splits(cfg, args.data_dir, rt)
+    tr = trainer.build(cfg, rt, splits, args.out)
     # The estimate is made at the longest sequence the data holds (within the configured length).
     longest = max(len(ids) for ds in splits.values() for ids, _ in ds)
-    assert longest < C.sequence_length(cfg)
+    assert longest < config.sequence_length(cfg)
     est = memory.tensor_estimate(tr.model, seq_shape=(longest,), device=rt.device, amp=False)
     assert est.per_example > 0
     # Room for batch 3 (parameters are already allocated, so they do not count against it).
@@ -321,7 +331,7 @@ def test_paper_pathx_on_a_cpu_is_refused(fixture_root, tmp_path, monkeypatch):
     with pytest.raises(MemoryError, match=r"at batch 16 .*available 8\.00 GiB.*try --data\.batch_size=\d+"):
         train.main(["--task", "pathx", "--model", "s4", "--preset", "paper", "--data-dir", str(fixture_root["pathx"]),
                     "--out", str(tmp_path / "run"), "--train.progress=false", "--train.device=cpu",
-                    "--model.dt_transform=exp"])  # the memory question does not depend on the dt map
+                    "--model.ssm.dt_transform=exp"])  # the memory question does not depend on the dt map
     assert not (tmp_path / "run").exists()
 
 
@@ -331,9 +341,9 @@ def test_cpu_estimate_covers_a_real_step(tmp_path):
     script = r"""
 import os, sys, torch
 torch.set_num_threads(1)
-from experiments.lra import config as C, memory
+from experiments.lra import memory, presets
 from experiments.lra.models import build_model
-cfg = C.build_config("listops", sys.argv[1], "cpu-small", {"data.max_len": "2000", "model.d_model": "128",
+cfg = presets.build_config("listops", sys.argv[1], "cpu-small", {"data.max_len": "2000", "model.d_model": "128",
                                                             "model.n_layers": "2"})
 model = build_model(cfg)
 B, L = 16, 2000

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments.lra import generate, pathfinder
+from experiments.lra.data import generate, pathfinder
 from experiments.lra.data import load_task
 
 

@@ -20,7 +20,7 @@ snake contrast, markers at 1; the image is then scaled so its brightest pixel is
 anti-aliased by rendering at `supersample` x resolution and box-downsampling.
 
 `preset(resolution)` holds the per-resolution settings the LRA data was documented with; `python -m
-experiments.lra.pathfinder --out DIR` writes a sample sheet per resolution.
+experiments.lra.data.pathfinder --out DIR` writes a sample sheet per resolution.
 """
 from __future__ import annotations
 
@@ -389,9 +389,9 @@ def sample_sheet(resolution: int, path: str | Path, *, seed: int = 0, contour_le
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.lra.pathfinder",
+        prog="python -m experiments.lra.data.pathfinder",
         description="Write a sample sheet (4 x 4 generated images, labels alternating) per resolution "
-                    "to OUT/pathfinder-<res>.png. Data sets: python -m experiments.lra.generate pathfinder.")
+                    "to OUT/pathfinder-<res>.png. Data sets: python -m experiments.lra.data.generate pathfinder.")
     parser.add_argument("--out", required=True, help="folder for pathfinder-<res>.png")
     parser.add_argument("--resolution", type=int, nargs="+", choices=sorted(_PRESETS), default=sorted(_PRESETS))
     parser.add_argument("--contour-length", type=int, choices=(6, 9, 14), default=14)

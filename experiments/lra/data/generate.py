@@ -1,8 +1,8 @@
 """Generate the synthetic LRA tasks in the original release layout (`docs/lra.md`).
 
-    python -m experiments.lra.generate listops --out DIR --n-train N --n-val N --n-test N --seed S
+    python -m experiments.lra.data.generate listops --out DIR --n-train N --n-val N --n-test N --seed S
         [--min-length 500 --max-length 2000]
-    python -m experiments.lra.generate pathfinder --out DIR --resolution 32|64|128
+    python -m experiments.lra.data.generate pathfinder --out DIR --resolution 32|64|128
         --contour-length 6|9|14 --n N --seed S [--workers K] [--sample-sheet PATH]
 
 ListOps writes `DIR/listops-1000/basic_{train,val,test}.tsv`; Pathfinder writes
@@ -17,7 +17,7 @@ import multiprocessing
 import sys
 from pathlib import Path
 
-from experiments.lra import listops, pathfinder
+from experiments.lra.data import listops, pathfinder
 from experiments.lra.data import PATHFINDER_FOLDERS
 
 CHUNK = 50  # images per worker task
@@ -126,7 +126,7 @@ def write_sample_sheet(cfg, seed: int, path: str | Path, *, n: int = 16, cols: i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.lra.generate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.lra.data.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="task", required=True)
     lo = sub.add_parser("listops", help="ListOps expressions -> listops-1000/basic_*.tsv")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.lra import listops
+from experiments.lra.data import listops
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 N_PER_SPLIT = 8          # items per split for the TSV / folder tasks
