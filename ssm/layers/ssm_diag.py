@@ -15,10 +15,8 @@ import math
 import torch
 
 from ssm import filters, hippo
-from ssm.fftconv import roll_left_padded
+from ssm.fftconv import diag_next_state, diag_state_response
 from ssm.layers.ssm_base import Recurrence, SSMBase
-
-import kernels
 
 
 def clip_imag(B: torch.Tensor, b_clip: float | None) -> torch.Tensor:
@@ -68,31 +66,12 @@ class DiagSSM(SSMBase):
         return Recurrence("diag", torch.exp(log_z), Bb, C)
 
     def state_response(self, state: torch.Tensor, L: int, rate: float = 1.0) -> torch.Tensor:
-        """Zero-input response `y_k = 2 Re sum_n C_n z_n^(k+1) s_n`, k < L: (B, c', H, L) real."""
+        """Zero-input response of `state` over L steps: (B, c', H, L) real (`ssm.fftconv`)."""
         C, log_z, _ = self.discrete(rate)
-        v = C.unsqueeze(0) * (log_z.exp() * state.to(C.dtype)).unsqueeze(1)   # (B, c', H, N2)
-        return kernels.vandermonde_mult(v, log_z.expand_as(v), L, backend=self.backend)
+        return diag_state_response(C, log_z, state.to(C.dtype), L, backend=self.backend)
 
     def next_state(self, u: torch.Tensor, state: torch.Tensor, rate: float = 1.0,
-                   lengths: torch.Tensor | None = None, *, chunk: int = 512) -> torch.Tensor:
-        """State after the last (real) step: `z^len s + sum_k z^(len-1-k) Bb u_k`.
-
-        u: (B, H, L) real, padding zeroed; state (B, H, N2). Powers are taken chunk by chunk,
-        so memory is O(B H N chunk), never O(H N L).
-        """
+                   lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """State after the last (real) step of u (B, H, L), padding zeroed: (B, H, N2) (`ssm.fftconv`)."""
         _, log_z, Bb = self.discrete(rate)
-        Bsz, H, L = u.shape
-        real = log_z.real.dtype
-        if lengths is not None:
-            u = roll_left_padded(u, lengths)
-            steps = lengths.to(u.device, real)                         # (B,)
-        else:
-            steps = torch.full((Bsz,), float(L), device=u.device, dtype=real)
-        acc = torch.zeros(Bsz, H, log_z.shape[-1], dtype=log_z.dtype, device=u.device)
-        for s in range(0, L, chunk):
-            e = min(s + chunk, L)
-            expo = torch.arange(L - 1 - s, L - 1 - e, -1, device=u.device, dtype=real)
-            powers = torch.exp(log_z.unsqueeze(-1) * expo)             # (H, N2, T)
-            acc = acc + torch.einsum("bht,hnt->bhn", u[..., s:e].to(log_z.dtype), powers)
-        decay = torch.exp(log_z.unsqueeze(0) * steps[:, None, None])   # (B, H, N2)
-        return decay * state.to(log_z.dtype) + Bb * acc                # (B, H, N2)
+        return diag_next_state(u, log_z, Bb, state.to(log_z.dtype), lengths)

@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from ssm import filters
-from ssm.fftconv import roll_left_padded
+from ssm.fftconv import dense_next_state, dense_state_response
 from ssm.layers.s4_init import dplr_init
 from ssm.layers.s4_step import dplr_step_system
 from ssm.layers.ssm_base import Recurrence, SSMBase
@@ -153,49 +153,14 @@ class DPLRSSM(SSMBase):
         Ab, Bb = filters.dplr_dense(Lam, P, B, dt * rate)              # complex128
         return self._full_c(Lam, P, B, Ct, dt), Ab, Bb
 
-    def state_response(self, state: torch.Tensor, L: int, rate: float = 1.0, *, chunk: int = 64) -> torch.Tensor:
-        """Zero-input response `y_k = Re C Ab^(k+1) s`, k < L, by chunked powers: (B, c', H, L)."""
+    def state_response(self, state: torch.Tensor, L: int, rate: float = 1.0) -> torch.Tensor:
+        """Zero-input response `y_k = Re C Ab^(k+1) s`, k < L: (B, c', H, L) (`ssm.fftconv`)."""
         C, Ab, _ = self._dense(rate)
-        T = min(chunk, L)
-        rows = [C]
-        for _ in range(T - 1):
-            rows.append(torch.einsum("chn,hnm->chm", rows[-1], Ab))
-        CK = torch.stack(rows, dim=-2)                                 # (c', H, T, N): C Ab^j
-        AT = torch.linalg.matrix_power(Ab, T)                          # (H, N, N)
-        s = torch.einsum("hnm,bhm->bhn", Ab, state.to(Ab.dtype))       # (B, H, N): Ab s
-        out = []
-        for start in range(0, L, T):
-            n = min(T, L - start)
-            out.append(torch.einsum("chtn,bhn->bcht", CK[:, :, :n], s).real)   # (B, c', H, n)
-            s = torch.einsum("hnm,bhm->bhn", AT, s)
-        return torch.cat(out, dim=-1).to(self.real_dtype)              # (B, c', H, L)
+        return dense_state_response(C, Ab, state.to(Ab.dtype), L).to(self.real_dtype)
 
     def next_state(self, u: torch.Tensor, state: torch.Tensor, rate: float = 1.0,
-                   lengths: torch.Tensor | None = None, *, chunk: int = 64) -> torch.Tensor:
-        """State after the last (real) step: `Ab^len s + sum_k Ab^(len-1-k) Bb u_k`, (B, H, N).
-
-        Chunks of T steps use the Krylov block `[Ab^j Bb]_{j<T}` and carry the state with `Ab^T`.
-        """
+                   lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """State after the last (real) step of u (B, H, L): (B, H, N) (`ssm.fftconv`), in complex128."""
         _, Ab, Bb = self._dense(rate)
-        Bsz, H, L = u.shape
-        s = state.to(Ab.dtype)
-        if lengths is not None:
-            u = roll_left_padded(u, lengths)
-            uniq, inv = torch.unique(lengths.long(), return_inverse=True)
-            decay = torch.stack([torch.linalg.matrix_power(Ab, int(p)) for p in uniq.tolist()])[inv]
-            x = torch.einsum("bhnm,bhm->bhn", decay, s)                # (B, H, N)
-        else:
-            x = torch.einsum("hnm,bhm->bhn", torch.linalg.matrix_power(Ab, L), s)
-        T = min(chunk, L)
-        cols = [Bb]
-        for _ in range(T - 1):
-            cols.append(torch.einsum("hnm,hm->hn", Ab, cols[-1]))
-        KB = torch.stack(cols, dim=-1)                                 # (H, N, T): Ab^j Bb
-        AT = torch.linalg.matrix_power(Ab, T)
-        acc = torch.zeros_like(x)                                      # (B, H, N)
-        for start in range(0, L, T):
-            n = min(T, L - start)
-            piece = u[..., start:start + n].flip(-1).to(Ab.dtype)      # (B, H, n): newest first
-            A_n = AT if n == T else torch.linalg.matrix_power(Ab, n)
-            acc = torch.einsum("hnm,bhm->bhn", A_n, acc) + torch.einsum("hnt,bht->bhn", KB[..., :n], piece)
-        return (x + acc).to(self.complex_dtype)                        # (B, H, N)
+        s = dense_next_state(u.double(), Ab, Bb, state.to(Ab.dtype), lengths)
+        return s.to(self.complex_dtype)
