@@ -7,6 +7,8 @@ outputs at real positions.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -58,8 +60,6 @@ def check_finite(x: torch.Tensor, lengths: torch.Tensor | None, name: str = "x")
 def keyword_only(*names: str):
     """Decorator for `forward(self, x, *, state=None, lengths=None, ...)`: a positional `state` or
     `lengths` (the order of older versions) raises a TypeError naming the keyword spelling."""
-    import functools
-
     def wrap(fn):
         @functools.wraps(fn)
         def forward(self, x, *args, **kwargs):

@@ -50,7 +50,6 @@ class DPLRSSM(SSMBase):
         self.register_buffer("fixed_l_max", torch.tensor(-1 if cfg.l_max is None else cfg.l_max,
                                                          dtype=torch.int64, device=device))
         self._l_max_cache = None
-        self._warned = False
 
     # ---- the length Ct belongs to ----------------------------------------------------------------
     @property
