@@ -184,3 +184,19 @@ def test_two_process_resume_restores_each_ranks_random_state(tmp_path):
         assert torch.equal(value, cut["model"][name]), name
     for a, b in zip(full["rng"], cut["rng"]):
         assert torch.equal(a["torch"], b["torch"])
+
+
+def test_memory_estimate_runs_for_an_s4_dplr_model_and_leaves_its_length_alone():
+    """The estimate runs the model on fake tensors, which cannot be read as Python numbers; the S4
+    layer's length is such a number (a buffer). The probe must still work, and the model's own l_max
+    must stay what the trainer set, not the probe's length."""
+    from experiments.lra import models
+
+    cfg = presets.build_config("listops", "s4", "cpu-small", {"model.d_model": "16", "model.n_layers": "1"})
+    model = models.build_model(cfg, n_classes=10, vocab_size=16)
+    layers = [m for m in model.modules() if hasattr(m, "fixed_l_max")]
+    assert layers
+    before = [m.l_max for m in layers]
+    est = memory.tensor_estimate(model, seq_shape=(37,), device=torch.device("cpu"), amp=False)
+    assert est.step_1 > 0
+    assert [m.l_max for m in layers] == before
