@@ -117,7 +117,7 @@ def test_states_pass_between_step_and_chunked_forward(init):
         y1, s1 = m(x[:, :11], state=m.default_state(2))                       # forward -> step
         y2, s2 = run_steps(m, x[:, 11:20], s1)
         y3, s3 = m(x[:, 20:], state=s2)                                       # step -> forward
-    tol = 1e-4 if init == "fout" else 1e-5                              # FouT conv: see test_s4_measures
+    tol = 1e-4 if init == "fout" else 1e-5                              # FouT conv: see test_ssm_dplr
     assert_close(torch.cat([y1, y2, y3], 1), y_whole, rtol=1e-5, atol=tol, name="outputs")
     assert_close(s3, s_whole, rtol=1e-5, atol=1e-5, name="final state")
 
