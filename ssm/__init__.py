@@ -27,7 +27,8 @@ _EXPORTS = {
     "MambaConfig": "ssm.config",
     "Mamba2Config": "ssm.config",
 }
-_MODULES = ("approx", "config", "discretize", "export", "fftconv", "filters", "hippo", "interop", "layers", "models")
+_MODULES = ("approx", "config", "discretize", "distributed", "export", "fftconv", "filters", "hippo", "interop",
+            "layers", "models", "packing")
 
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 
