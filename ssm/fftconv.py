@@ -9,6 +9,10 @@
   diagonal SSM (Vandermonde products) and by a chunked power scan for a dense `Ab` (S4's DPLR
   system in step form). Convention: `x_k = Ab x_{k-1} + Bb u_k`, `y_k = C x_k + D u_k`, so
   `K_l = C Ab^l Bb` starts with `C Bb` at lag 0.
+- Packed documents (docs/packing.md): `cross_document_response`, the part of a whole-row
+  convolution that reaches a document from the ones before it, built from the same state algebra
+  (the state crossing each document boundary and its zero-input response), so subtracting it
+  leaves exactly what each document would give alone.
 """
 from __future__ import annotations
 
@@ -204,12 +208,13 @@ def roll_left_padded(u: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 # ---- diagonal SSM (S4D): N/2 complex modes per channel ------------------------------------------
 
 def diag_state_response(C: torch.Tensor, log_z: torch.Tensor, state: torch.Tensor, L: int,
-                        *, backend: str = "auto") -> torch.Tensor:
-    """Zero-input response `y_k = 2 Re sum_n C_n z_n^(k+1) s_n`, k < L.
+                        *, backend: str = "auto", first_power: int = 1) -> torch.Tensor:
+    """Zero-input response `y_k = 2 Re sum_n C_n z_n^(k+p) s_n`, k < L, p = `first_power` (1 or 0).
 
     C: (c, H, N2); log_z: (H, N2); state: (B, H, N2) complex. Returns (B, c, H, L) real.
     """
-    v = C.unsqueeze(0) * (log_z.exp() * state).unsqueeze(1)            # (B, c, H, N2)
+    s = state if first_power == 0 else log_z.exp() * state             # (B, H, N2)
+    v = C.unsqueeze(0) * s.unsqueeze(1)                                # (B, c, H, N2)
     return kernels.vandermonde_mult(v, log_z.expand_as(v), L, backend=backend)   # (B, c, H, L)
 
 
@@ -246,8 +251,9 @@ def _batched_power(Ab: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
 
 
 def dense_state_response(C: torch.Tensor, Ab: torch.Tensor, state: torch.Tensor, L: int,
-                         *, chunk: int = 64) -> torch.Tensor:
-    """Zero-input response `y_k = Re C Ab^(k+1) s` for a dense Ab, by chunked powers.
+                         *, chunk: int = 64, first_power: int = 1) -> torch.Tensor:
+    """Zero-input response `y_k = Re C Ab^(k+p) s` for a dense Ab, p = `first_power` (1 or 0), by
+    chunked powers.
 
     C: (c, H, N); Ab: (H, N, N); state: (B, H, N). Cost O(H N^2 T + B c H N L + B H N^2 L/T).
     """
@@ -257,7 +263,7 @@ def dense_state_response(C: torch.Tensor, Ab: torch.Tensor, state: torch.Tensor,
         rows.append(torch.einsum("chn,hnm->chm", rows[-1], Ab))
     CK = torch.stack(rows, dim=-2)                                     # (c, H, T, N): C Ab^j
     AT = torch.linalg.matrix_power(Ab, T)                              # (H, N, N)
-    s = torch.einsum("hnm,bhm->bhn", Ab, state)                        # (B, H, N): Ab s
+    s = state if first_power == 0 else torch.einsum("hnm,bhm->bhn", Ab, state)   # (B, H, N): Ab^p s
     out = []
     for start in range(0, L, T):
         n = min(T, L - start)
@@ -293,3 +299,58 @@ def dense_next_state(u: torch.Tensor, Ab: torch.Tensor, Bb: torch.Tensor, state:
         A_n = AT if n == T else torch.linalg.matrix_power(Ab, n)
         acc = torch.einsum("hnm,bhm->bhn", A_n, acc) + torch.einsum("hnt,bht->bhn", KB[..., :n], piece)
     return x + acc                                                     # (B, H, N)
+
+
+# ---- packed documents -------------------------------------------------------------------------
+
+def document_spans(seq_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, lengths), each (B, K) int64 with K the most documents in a row: where each row's
+    k-th document starts and how long it is (rows with fewer documents: length 0)."""
+    from ssm.packing import doc_starts
+
+    Bsz, L = seq_idx.shape
+    start = doc_starts(seq_idx)                                        # (B, L) bool
+    rank = torch.cumsum(start.long(), dim=1) - 1                       # (B, L): document ordinal
+    K = int(rank[:, -1].max()) + 1
+    ar = torch.arange(L, device=seq_idx.device).expand(Bsz, L)        # (B, L)
+    starts = torch.full((Bsz, K), L, dtype=torch.long, device=seq_idx.device)
+    starts.scatter_reduce_(1, rank, ar, reduce="amin")
+    lengths = torch.zeros(Bsz, K, dtype=torch.long, device=seq_idx.device)
+    lengths.scatter_add_(1, rank, torch.ones_like(rank))
+    return starts, lengths
+
+
+def _span_index(start: torch.Tensor, length: torch.Tensor, T: int, L: int):
+    """Positions start + j, j < T, clamped into the row, and whether j < length: (B, T) each."""
+    j = torch.arange(T, device=start.device)
+    return (start[:, None] + j).clamp(max=L - 1), j < length[:, None]
+
+
+def cross_document_response(u: torch.Tensor, seq_idx: torch.Tensor, advance, response,
+                            zero_state: torch.Tensor) -> torch.Tensor:
+    """The part of the whole-row causal SSM convolution of u (B, H, L) that each position receives
+    from earlier documents of its row: (B, c, H, L), zero in every row's first document.
+
+    For a position k steps into a document that starts at a, that part is the zero-input response
+    of the row's state after a steps (no resets), `C Ab^(k+1) x_(a-1)`, so it is computed per
+    document boundary: the state is carried from boundary to boundary with
+    `advance(segment (B, H, T), state, lengths (B,)) -> state` (the previous document, right
+    padded) and its response read with `response(state, T) -> (B, c, H, T)`. One step per
+    document index (K - 1 for K documents in the longest row), each over the longest document of
+    that index.
+    """
+    Bsz, H, L = u.shape
+    starts, lengths = document_spans(seq_idx)                          # (B, K) each
+    out, state = None, zero_state
+    for k in range(1, starts.shape[1]):
+        T_prev = int(lengths[:, k - 1].max())
+        idx, real = _span_index(starts[:, k - 1], lengths[:, k - 1], T_prev, L)
+        seg = u.gather(-1, idx[:, None, :].expand(Bsz, H, T_prev)) * real[:, None, :].to(u.dtype)   # (B, H, T)
+        state = advance(seg, state, lengths[:, k - 1])                 # (B, H, n): after document k-1
+        T = int(lengths[:, k].max())
+        idx, real = _span_index(starts[:, k], lengths[:, k], T, L)
+        r = response(state, T) * real[:, None, None, :].to(u.dtype)   # (B, c, H, T)
+        if out is None:
+            out = u.new_zeros(Bsz, r.shape[1], H, L)
+        out = out.scatter_add(-1, idx[:, None, None, :].expand_as(r), r.to(u.dtype))
+    return out if out is not None else u.new_zeros(Bsz, 1, H, L)

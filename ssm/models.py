@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssm.config import (RETIRED, AttentionConfig, BlockConfig, Mamba2Config, MambaConfig, S4Config, build,
+from ssm.config import (RETIRED, AttentionConfig, BlockConfig, Mamba2Config, Mamba3Config, MambaConfig, S4Config, build,
                         split_options)
 from ssm.layers.nn import check_lengths, keyword_only, length_mask
+from ssm.packing import check_seq_idx, doc_starts, positions, seq_idx_from_cu_seqlens
 
 POOLINGS = ("mean", "last", "cls", "none")
 POS = ("none", "sinusoidal", "learned")
@@ -47,6 +48,7 @@ LAYERS = {
     "transformer": (_transformer_block, AttentionConfig, {}),
     "mamba": (_selective_block, MambaConfig, {}),
     "mamba2": (_selective_block, Mamba2Config, {}),
+    "mamba3": (_selective_block, Mamba3Config, {}),
 }
 
 
@@ -121,6 +123,13 @@ class SequenceModel(nn.Module):
         self.norm = nn.LayerNorm(d_model, **fk) if blk.prenorm else nn.Identity()
         self.decoder = nn.Linear(d_model, d_output, **fk)
 
+    def compile_step(self, *, backend: str = "fused"):
+        """A fused inference step (`ssm.decode.compile_step`): the same arguments and results as
+        `step`, with the state tensors advanced in place."""
+        from ssm.decode import compile_step
+
+        return compile_step(self, backend=backend)
+
     def set_l_max(self, l_max: int) -> None:
         """Set the length every S4 (DPLR) layer's learned Ct belongs to (the data's maximum length)."""
         for m in self.modules():
@@ -137,10 +146,41 @@ class SequenceModel(nn.Module):
             raise ValueError(f"x must have shape (B, L, {self.d_input}), got {tuple(x.shape)}")
         return self.encoder(x)                                         # (B, L, H)
 
-    def _backbone(self, x, lengths, state):
+    def _packing(self, h: torch.Tensor, lengths, seq_idx, cu_seqlens) -> torch.Tensor | None:
+        """The validated seq_idx (B, L) from `seq_idx` or `cu_seqlens` (one row), or None."""
+        Bsz, L, _ = h.shape
+        if cu_seqlens is not None:
+            if seq_idx is not None:
+                raise ValueError("give seq_idx or cu_seqlens, not both")
+            if Bsz != 1:
+                raise ValueError(f"cu_seqlens describes one packed row: x must have batch size 1, got {Bsz} "
+                                 "(use seq_idx (B, L) for several rows)")
+            seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, L).to(h.device)
+        if seq_idx is None:
+            return None
+        if lengths is not None:
+            raise ValueError("seq_idx (or cu_seqlens) and lengths cannot be combined: a packed row has no "
+                             "right padding (put any padding in a document of its own)")
+        if self.pooling == "cls":
+            raise ValueError("pooling='cls' is not available for packed batches (seq_idx / cu_seqlens); "
+                             "use 'mean', 'last' or 'none'")
+        return check_seq_idx(seq_idx, Bsz, L)
+
+    def _packed_positions(self, h: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+        """Absolute position embeddings restarting at 0 in every document."""
+        from ssm.layers.positional import sinusoidal_table
+        pos = positions(seq_idx)                                       # (B, L)
+        if self.pos.kind == "learned":
+            if int(pos.max()) >= self.pos.max_len:
+                raise ValueError(f"a document is longer than max_len {self.pos.max_len} of the learned embedding")
+            return h + self.pos.weight[pos].to(h.dtype)
+        return h + sinusoidal_table(pos, self.d_model).to(h.dtype)
+
+    def _backbone(self, x, lengths, state, seq_idx=None, cu_seqlens=None):
         h = self._encode(x)
         Bsz, L, _ = h.shape
         lengths = check_lengths(lengths, Bsz, L)
+        seq_idx = self._packing(h, lengths, seq_idx, cu_seqlens)
         if state is not None and (self.pos is not None or self.pooling == "cls"):
             raise ValueError("state passing needs pos='none' and pooling 'none', 'last' or 'mean'")
         if self.pooling == "cls":
@@ -150,18 +190,35 @@ class SequenceModel(nn.Module):
             h = torch.where(at_cls, self.cls.to(h.dtype), h)
             lengths = where + 1
         if self.pos is not None:
-            h = self.pos(h)
+            h = self.pos(h) if seq_idx is None else self._packed_positions(h, seq_idx)
         states = [None] * len(self.blocks) if state is None else self._check_states(state)
         next_states = []
+        packed = {} if seq_idx is None else {"seq_idx": seq_idx}
         for block, s in zip(self.blocks, states):
-            h, s = block(h, state=s, lengths=lengths)
+            h, s = block(h, state=s, lengths=lengths, **packed)
             next_states.append(s)
-        return self.norm(h), lengths, (next_states if state is not None else None)
+        return self.norm(h), lengths, (next_states if state is not None else None), seq_idx
 
-    def _pool(self, h: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _pool_documents(h: torch.Tensor, seq_idx: torch.Tensor, how: str) -> torch.Tensor:
+        """(n_docs, H): the mean or the last position of every document, row by row."""
+        doc = torch.cumsum(doc_starts(seq_idx).flatten().long(), 0) - 1   # (B*L,): global document id
+        n = int(doc[-1]) + 1
+        flat = h.reshape(-1, h.shape[-1])                              # (B*L, H)
+        if how == "last":
+            ends = torch.zeros(n, dtype=torch.long, device=h.device).scatter_reduce_(
+                0, doc, torch.arange(doc.numel(), device=h.device), reduce="amax")
+            return flat[ends]                                          # (n_docs, H)
+        total = flat.new_zeros(n, flat.shape[-1]).index_add_(0, doc, flat)
+        count = torch.bincount(doc, minlength=n).to(flat.dtype)
+        return total / count[:, None]                                  # (n_docs, H)
+
+    def _pool(self, h: torch.Tensor, lengths: torch.Tensor | None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         Bsz, L, _ = h.shape
         if self.pooling == "none":
             return h                                                   # (B, L, H)
+        if seq_idx is not None:
+            return self._pool_documents(h, seq_idx, self.pooling)
         if self.pooling == "mean":
             if lengths is None:
                 return h.mean(dim=1)
@@ -171,10 +228,11 @@ class SequenceModel(nn.Module):
         idx = torch.full((Bsz,), L, device=h.device, dtype=torch.long) if lengths is None else lengths
         return h[torch.arange(Bsz, device=h.device), idx - 1]         # (B, H): last real / the cls token
 
-    def features(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled features (B, d_model) ((B, L, d_model) with pooling="none")."""
-        h, lengths, _ = self._backbone(x, lengths, None)
-        return self._pool(h, lengths)
+    def features(self, x: torch.Tensor, lengths: torch.Tensor | None = None, *,
+                 seq_idx: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features (B, d_model) ((B, L, d_model) with pooling="none"; (n_docs, d_model) when packed)."""
+        h, lengths, _, seq_idx = self._backbone(x, lengths, None, seq_idx, cu_seqlens)
+        return self._pool(h, lengths, seq_idx)
 
     def _check_states(self, state) -> list:
         if not isinstance(state, (list, tuple)) or len(state) != len(self.blocks):
@@ -184,10 +242,16 @@ class SequenceModel(nn.Module):
         return list(state)
 
     @keyword_only("lengths", "state")
-    def forward(self, x: torch.Tensor, *, lengths: torch.Tensor | None = None, state: list | None = None):
-        """x -> (out (B, d_output), or (B, L, d_output) with pooling="none"; next_state or None)."""
-        h, lengths, next_state = self._backbone(x, lengths, state)
-        return self.decoder(self._pool(h, lengths)), next_state
+    def forward(self, x: torch.Tensor, *, lengths: torch.Tensor | None = None, state: list | None = None,
+                seq_idx: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
+        """x -> (out (B, d_output), or (B, L, d_output) with pooling="none"; next_state or None).
+
+        Packed input: `seq_idx` (B, L) or, for B = 1, `cu_seqlens` (n_docs + 1,); pooled outputs
+        are then (n_docs, d_output), one row per document. `state` feeds each row's first document
+        and next_state is each row's last document's.
+        """
+        h, lengths, next_state, seq_idx = self._backbone(x, lengths, state, seq_idx, cu_seqlens)
+        return self.decoder(self._pool(h, lengths, seq_idx)), next_state
 
     def default_state(self, batch_size: int, device=None) -> list:
         return [block.default_state(batch_size, device=device) for block in self.blocks]

@@ -7,7 +7,8 @@ Per token t, channel d and state n (see `reference.py` for the chunked form):
     y_t[d]    = sum_n C_t[n] x_t[d, n] + D[d] u_t[d],          y_t *= silu(z_t[d]) when z is given
 
 `selective_scan` takes the arguments of the public Mamba reference's `selective_scan_fn` (real
-tensors only), plus `initial_state` and `backend`; `selective_scan_fn` is the same function under
+tensors only), plus `initial_state`, `seq_idx` (packed documents: the state restarts from zero
+wherever the label changes) and `backend`; `selective_scan_fn` is the same function under
 that name, so Mamba code ports by changing its import. It validates, resolves the backend and calls
 the `ssmkit::selective_scan` custom op (`op.py`), so `torch.compile(fullgraph=True)` traces it.
 `selective_state_update` (`state_update.py`) advances a decoding state by one token.
@@ -20,7 +21,7 @@ from kernels._triton import choose_backend
 
 HAS_TRITON_KERNELS = False     # the Triton kernels are not written yet: "auto" takes the chunked path
 from kernels.selective_scan.op import selective_scan_op
-from kernels.selective_scan.reference import compute_dtype, selective_scan_ref
+from kernels.selective_scan.reference import compute_dtype, resets_from_seq_idx, selective_scan_ref
 from kernels.selective_scan.state_update import selective_state_update
 
 __all__ = ["selective_scan", "selective_scan_fn", "selective_scan_ref", "selective_state_update"]
@@ -53,6 +54,19 @@ def _check_bc(name, M, batch, dim, N, L):
                          f"(batch, G, N, L) with G dividing D = {dim}, got {tuple(M.shape)}")
 
 
+def _check_seq_idx(seq_idx, batch, L, device):
+    if seq_idx is None:
+        return
+    if not isinstance(seq_idx, torch.Tensor):
+        raise TypeError(f"selective_scan: seq_idx must be a torch.Tensor, got {type(seq_idx).__name__}")
+    if seq_idx.dtype.is_floating_point or seq_idx.is_complex() or seq_idx.dtype == torch.bool:
+        raise TypeError(f"selective_scan: seq_idx must be an integer tensor, got {seq_idx.dtype}")
+    if tuple(seq_idx.shape) != (batch, L):
+        raise ValueError(f"selective_scan: seq_idx must have shape {(batch, L)} (batch, L), got {tuple(seq_idx.shape)}")
+    if seq_idx.device != device:
+        raise ValueError(f"selective_scan: seq_idx must be on {device}, got {seq_idx.device}")
+
+
 def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
     _check_tensor("u", u, None, optional=False)
     if u.dim() != 3:
@@ -80,7 +94,7 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, backend="auto"):
+                   return_last_state=False, initial_state=None, backend="auto", seq_idx=None):
     """y (batch, D, L) [, last_state (batch, D, N)] of the selective scan.
 
     u, delta, z: (batch, D, L); A: (D, N); B, C: (D, N) time-invariant, (batch, N, L) or
@@ -88,9 +102,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     (D,); initial_state: (batch, D, N), zeros when None. Real tensors; computed in float32 (float64
     when any of u, delta, A, B, C is float64); y comes back in u's dtype, the last state in the
     compute dtype. backend: "auto" | "triton" | "torch" (the chunked PyTorch path). Differentiable
-    w.r.t. every tensor argument.
+    w.r.t. every tensor argument. seq_idx (batch, L) int: packed documents; the state restarts
+    from zero before every token whose label differs from the previous one, initial_state feeds
+    each row's first document and the last state is the last document's.
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _check_seq_idx(seq_idx, u.shape[0], u.shape[2], u.device)
     which = choose_backend(backend, *(t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
                                       if t is not None))
     if which == "triton" and not HAS_TRITON_KERNELS:
@@ -105,7 +122,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     D = u.new_zeros(dim, dtype=f) if D is None else D                # (D,)
     delta_bias = u.new_zeros(dim, dtype=f) if delta_bias is None else delta_bias  # (D,)
     x0 = u.new_zeros(batch, dim, N, dtype=f) if initial_state is None else initial_state  # (batch, D, N)
-    y, last, _ = selective_scan_op(u, delta, A, B, C, D, z, delta_bias, x0, bool(delta_softplus), which)
+    reset = None if seq_idx is None else resets_from_seq_idx(seq_idx)   # (batch, L) bool
+    y, last, _ = selective_scan_op(u, delta, A, B, C, D, z, delta_bias, x0, bool(delta_softplus), which, reset)
     return (y, last) if return_last_state else y
 
 

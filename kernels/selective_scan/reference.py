@@ -7,6 +7,8 @@ Per token t, channel d, state n (the input term is Euler, dt * B, as in publishe
     y_t[d]    = sum_n C_t[n] x_t[d, n] + D[d] u_t[d],       then y_t *= silu(z_t[d]) if z is given
 
 - `selective_scan_ref`: the definition, a plain loop over t. Run in float64 it is the ground truth.
+- Packed documents: `reset` (b, L) bool marks the tokens before which the state restarts from
+  zero (`resets_from_seq_idx`); the initial state feeds each row's first document only.
 - `selective_scan_chunked_fwd` / `selective_scan_chunked_bwd`: the same numbers without a Python
   loop over time steps and without any (batch, L, D, N) tensor; no autograd (the custom op in
   `op.py` adds it).
@@ -56,15 +58,23 @@ def _dt(delta, delta_bias, delta_softplus):
     return F.softplus(dt) if delta_softplus else dt
 
 
+def resets_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, L) document labels -> (b, L) bool, True where the label differs from the previous token's."""
+    reset = torch.zeros_like(seq_idx, dtype=torch.bool)            # (b, L)
+    reset[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return reset
+
+
 def _per_channel(M: torch.Tensor, dim: int) -> torch.Tensor:
     """B or C as (batch, D, N, L) from (batch, G, N, L): the group's rows repeated per channel."""
     return M.repeat_interleave(dim // M.shape[1], dim=1)
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, initial_state=None):
+                       return_last_state=False, initial_state=None, seq_idx=None):
     """The definition, one token at a time. u, delta, z (b, D, L); A (D, N); B, C (D, N) or
-    (b, G, N, L) or (b, N, L); D, delta_bias (D,); initial_state (b, D, N).
+    (b, G, N, L) or (b, N, L); D, delta_bias (D,); initial_state (b, D, N); seq_idx (b, L) int:
+    the state restarts from zero before every token whose label differs from its predecessor's.
     Returns y (b, D, L) in u's dtype [, last state (b, D, N) in the compute dtype]."""
     f = compute_dtype(u, delta, A, B, C)
     batch, dim, L = u.shape
@@ -76,6 +86,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     x = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(f)  # (b, D, N)
     ys = []
     for t in range(L):
+        if seq_idx is not None and t > 0:
+            x = x * (seq_idx[:, t] == seq_idx[:, t - 1]).to(f)[:, None, None]   # (b, D, N)
         Bt, Ct = (M if M.dim() == 2 else M[..., t] for M in Bs)     # (D, N) or (b, D, N)
         x = torch.exp(dt[..., t, None] * A) * x + (dt[..., t] * u[..., t])[..., None] * Bt  # (b, D, N)
         ys.append((x * Ct).sum(-1))                                 # (b, D)
@@ -106,7 +118,7 @@ class _Inputs:
     """The whole-sequence inputs in the chunk layout: per-token tensors (b, L, G, Dg, 1), B and C
     as (b, L, G, 1, N) or (1, 1, 1, D, N), A (G, Dg, N)."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset=None):
         f = compute_dtype(u, delta, A, B, C)
         batch, dim, L = u.shape
         self.f, self.L, self.N = f, L, A.shape[1]
@@ -122,6 +134,7 @@ class _Inputs:
         self.A = A.to(f).reshape(self.G, -1, self.N)                # (G, Dg, N)
         self.B, self.C = (self._bc(M, batch, dim) for M in (B, C))
         self.floor = -DECAY_FLOOR[f]
+        self.reset = None if reset is None or not bool(reset.any()) else reset   # (b, L) bool
 
     def _bc(self, M, batch, dim):
         if M.dim() == 2:
@@ -149,12 +162,41 @@ def _factors(inp: _Inputs, sl: slice):
     return torch.exp(ct.to(inp.f)), torch.exp(cm.to(inp.f)), dA
 
 
+def _chunk_resets(inp: _Inputs, sl: slice):
+    """The resets inside chunk `sl`, or None: (reset (b, q) bool, start (b, q), nxt (b, q)) with
+    start[t] the last reset position <= t (0 if none) and nxt[t] the first one > t (q if none)."""
+    if inp.reset is None:
+        return None
+    r = inp.reset[:, sl]                                            # (b, q)
+    q = r.shape[1]
+    ar = torch.arange(q, device=r.device).expand_as(r)              # (b, q)
+    start = torch.cummax(torch.where(r, ar, 0), dim=1).values       # (b, q)
+    after = torch.where(r, ar, q).flip(1).cummin(dim=1).values.flip(1)   # (b, q): first reset >= t
+    nxt = torch.cat([after[:, 1:], torch.full_like(after[:, :1], q)], dim=1)   # (b, q)
+    return r, start, nxt
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t (b, q+1, ...) picked per row at index (b, q) along dim 1 -> (b, q, ...)."""
+    return t[torch.arange(t.shape[0], device=t.device)[:, None], index]
+
+
 def _states(inp: _Inputs, sl: slice, x0: torch.Tensor):
-    """The states of one chunk from its start state x0 (b, G, Dg, N): x (b, q, G, Dg, N), exp(ct), dt A."""
+    """The states of one chunk from its start state x0 (b, G, Dg, N): x (b, q, G, Dg, N), exp(ct), dt A.
+
+    With resets, the cumulative sum is taken per segment (the total before the segment's start is
+    subtracted) and x0 reaches only the tokens before the chunk's first reset."""
     e, em, dA = _factors(inp, sl)
     w = (inp.dt[:, sl] * inp.u[:, sl]) * inp.chunk(inp.B, sl)      # (b, q, G, Dg, N)
     h = torch.cumsum(w.div_(e), dim=1)                              # (b, q, G, Dg, N)
-    h += (em * x0)[:, None]
+    resets = _chunk_resets(inp, sl)
+    if resets is None:
+        h += (em * x0)[:, None]
+        return h.mul_(e), e, dA
+    r, start, _ = resets
+    before = _rows(F.pad(h, (0, 0) * (h.dim() - 2) + (1, 0)), start)   # (b, q, G, Dg, N)
+    carried = (torch.cummax(r.long(), dim=1).values == 0).to(h.dtype)  # (b, q): no reset yet
+    h = h - before + carried[:, :, None, None, None] * (em * x0)[:, None]
     return h.mul_(e), e, dA
 
 
@@ -167,10 +209,11 @@ def _spans(inp: _Inputs):
     return [slice(t, min(t + inp.q, inp.L)) for t in range(0, inp.L, inp.q)]
 
 
-def selective_scan_chunked_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+def selective_scan_chunked_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reset=None):
     """Forward on canonical shapes (see `op.py`): returns y (b, D, L) in the compute dtype, the last
-    state (b, D, N) and the states before every CHUNK-th step (b, ceil(L / CHUNK), D, N)."""
-    inp = _Inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    state (b, D, N) and the states before every CHUNK-th step (b, ceil(L / CHUNK), D, N).
+    reset (b, L) bool or None: the state restarts from zero before the marked tokens."""
+    inp = _Inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset)
     batch, dim, L = u.shape
     x = initial_state.to(inp.f).reshape(batch, inp.G, -1, inp.N)    # (b, G, Dg, N)
     y = torch.empty(batch, L, inp.G, dim // inp.G, 1, dtype=inp.f, device=u.device)  # (b, L, G, Dg, 1)
@@ -200,13 +243,22 @@ def _chunk_bwd(inp: _Inputs, sl: slice, x0, gout, carry, grads: dict):
     _accumulate(grads, "C", (gy * xs).sum_to_size(Cc.shape), sl)
     r = (gy * Cc).mul_(e)                                           # (b, q, G, Dg, N)
     r[:, -1] += carry * e[:, -1]
-    lam = torch.cumsum(r.flip(1), dim=1).flip(1).div_(e)            # (b, q, G, Dg, N): dLoss/dx_t
+    lam = torch.cumsum(r.flip(1), dim=1).flip(1)                    # (b, q, G, Dg, N)
+    resets = _chunk_resets(inp, sl)
+    if resets is not None:                                          # sum only up to the segment's end
+        lam = lam - _rows(F.pad(lam, (0, 0) * (lam.dim() - 2) + (0, 1)), resets[2])
+    lam = lam.div_(e)                                               # dLoss/dx_t
     dtu = dt * u                                                    # (b, q, G, Dg, 1)
     _accumulate(grads, "B", (lam * dtu).sum_to_size(Bc.shape), sl)
     g_dtu = (lam * Bc).sum(-1, keepdim=True)                        # (b, q, G, Dg, 1)
     a = torch.exp(dA)                                               # (b, q, G, Dg, N)
     carry_out = a[:, 0] * lam[:, 0]                                 # (b, G, Dg, N)
-    g_dA = lam.mul_(a).mul_(torch.cat([x0[:, None], xs[:, :-1]], dim=1))  # (b, q, G, Dg, N)
+    prev = torch.cat([x0[:, None], xs[:, :-1]], dim=1)              # (b, q, G, Dg, N)
+    if resets is not None:
+        keep = (~resets[0]).to(prev.dtype)[:, :, None, None, None]  # (b, q, 1, 1, 1)
+        prev = prev * keep                                          # the state before a reset is dropped
+        carry_out = carry_out * keep[:, 0]
+    g_dA = lam.mul_(a).mul_(prev)                                   # (b, q, G, Dg, N)
     if inp.floored:
         g_dA.masked_fill_(dt * inp.A < inp.floor, 0.0)
     grads["A"] += (g_dA * dt).sum((0, 1))
@@ -233,11 +285,11 @@ def _block_starts(inp: _Inputs, saved: torch.Tensor, k: int):
 
 
 def selective_scan_chunked_bwd(gy, g_last, saved, u, delta, A, B, C, D, z, delta_bias, initial_state,
-                               delta_softplus):
+                               delta_softplus, reset=None):
     """Gradients of the forward above w.r.t. (u, delta, A, B, C, D, z, delta_bias, initial_state),
     each in the compute dtype and its input's shape (empty for z when z is None). `saved` is the
     forward's third output; gy (b, D, L) and g_last (b, D, N) are the output gradients."""
-    inp = _Inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    inp = _Inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset)
     batch, dim, L = u.shape
     G, N, f = inp.G, inp.N, inp.f
     tok = (batch, L, G, dim // G, 1)

@@ -2,8 +2,9 @@
 
 The residual block contract shared with `ssm.layers.attention.TransformerBlock`:
 `Block(d_model, *, config=<layer config>, block=<BlockConfig>, device=None, dtype=None, **options)`
-where `options` are fields of either config, `forward(x (B, L, H), *, state=None, lengths=None)
--> (y (B, L, H), next_state)`, `default_state(batch_size, device=None)`,
+where `options` are fields of either config, `forward(x (B, L, H), *, state=None, lengths=None,
+seq_idx=None) -> (y (B, L, H), next_state)` (`seq_idx` (B, L): packed documents, passed to the layer;
+the norms and the feed-forward act per position, so they need nothing more), `default_state(batch_size, device=None)`,
 `step(x_t (B, H), state) -> (y_t, state)`. The SSM itself is `ssm.layers.s4.S4` (docs/s4.md).
 The block's dropouts use the layer's `dropout`; with `tie_dropout=True` every dropout of the block
 (the S4 layer's, the residual branch's and the feed-forward's) is tied across the sequence: one
@@ -17,6 +18,12 @@ from torch import nn
 from ssm.config import BlockConfig, S4Config, build, keyword_signature, split_options
 from ssm.layers.nn import MaskedNorm, SequenceDropout, keyword_only
 from ssm.layers.s4 import S4
+
+
+def _packed(seq_idx) -> dict:
+    # Passed only when given, so a layer swapped in without packing support (an exported frozen
+    # convolution) keeps working on unpacked input.
+    return {} if seq_idx is None else {"seq_idx": seq_idx}
 
 
 class S4Block(nn.Module):
@@ -48,15 +55,16 @@ class S4Block(nn.Module):
 
     @keyword_only("state", "lengths")
     def forward(self, x: torch.Tensor, *, state: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None):
-        """x (B, L, H) -> (y (B, L, H), next_state); see `S4.forward` for `state` and `lengths`."""
+                lengths: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None):
+        """x (B, L, H) -> (y (B, L, H), next_state); see `S4.forward` for `state`, `lengths` and `seq_idx`."""
+        packed = _packed(seq_idx)
         if self.prenorm:
-            y, next_state = self.layer(self.norm(x, lengths), state=state, lengths=lengths)
+            y, next_state = self.layer(self.norm(x, lengths), state=state, lengths=lengths, **packed)
             x = x + self.drop(y)                                       # (B, L, H)
             if self.ff is not None:
                 x = x + self.drop(self.ff(self.norm_ff(x, lengths)))
             return x, next_state
-        y, next_state = self.layer(x, state=state, lengths=lengths)
+        y, next_state = self.layer(x, state=state, lengths=lengths, **packed)
         x = self.norm(x + self.drop(y), lengths)                      # (B, L, H)
         if self.ff is not None:
             x = self.norm_ff(x + self.drop(self.ff(x)), lengths)
@@ -90,12 +98,14 @@ class SelectiveBlock(nn.Module):
 
     def __init__(self, d_model: int, *, config, block: BlockConfig | None = None, device=None, dtype=None):
         super().__init__()
-        from ssm.config import Mamba2Config, MambaConfig
+        from ssm.config import Mamba2Config, Mamba3Config, MambaConfig
         from ssm.layers.mamba import Mamba
         from ssm.layers.mamba2 import Mamba2
-        layer_cls = {MambaConfig: Mamba, Mamba2Config: Mamba2}.get(type(config))
+        from ssm.layers.mamba3 import Mamba3
+        layer_cls = {MambaConfig: Mamba, Mamba2Config: Mamba2, Mamba3Config: Mamba3}.get(type(config))
         if layer_cls is None:
-            raise TypeError(f"SelectiveBlock: config must be a MambaConfig or Mamba2Config, got {type(config).__name__}")
+            raise TypeError(f"SelectiveBlock: config must be a MambaConfig, Mamba2Config or Mamba3Config, "
+                            f"got {type(config).__name__}")
         blk = build(BlockConfig, block, {}, "SelectiveBlock")
         if blk.d_ff is not None:
             raise ValueError(f"SelectiveBlock has no feed-forward sublayer: block.d_ff must be None, got {blk.d_ff!r}")
@@ -107,12 +117,14 @@ class SelectiveBlock(nn.Module):
         return self.layer.default_state(batch_size, device=device)
 
     @keyword_only("state", "lengths")
-    def forward(self, x: torch.Tensor, *, state=None, lengths: torch.Tensor | None = None):
-        """x (B, L, H) -> (y (B, L, H), next_state)."""
+    def forward(self, x: torch.Tensor, *, state=None, lengths: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None):
+        """x (B, L, H) -> (y (B, L, H), next_state); `seq_idx` (B, L): packed documents."""
+        packed = _packed(seq_idx)
         if self.prenorm:
-            y, next_state = self.layer(self.norm(x, lengths), state=state, lengths=lengths)
+            y, next_state = self.layer(self.norm(x, lengths), state=state, lengths=lengths, **packed)
             return x + y, next_state
-        y, next_state = self.layer(x, state=state, lengths=lengths)
+        y, next_state = self.layer(x, state=state, lengths=lengths, **packed)
         return self.norm(x + y, lengths), next_state
 
     def step(self, x_t: torch.Tensor, state):

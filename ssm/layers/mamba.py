@@ -9,6 +9,9 @@ y * silu(z); out_proj. Settings: `ssm.config.MambaConfig`.
 Streaming state: `(conv_state (B, d_inner, d_conv), ssm_state (B, d_inner, N))`. The conv state
 holds the last d_conv inputs of the convolution (the public layout: the oldest column is shifted
 out before it is read); the SSM state is float32 (float64 for a float64 layer).
+
+Packed documents (`seq_idx`, docs/packing.md): the convolution's taps stop at each document's
+start and the scan restarts from zero there; a given `state` feeds each row's first document.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from kernels.selective_scan import selective_scan, selective_state_update
 from ssm.config import MambaConfig, build, keyword_signature
 from ssm.discretize import log_dt_init
 from ssm.layers.nn import check_finite, check_lengths, keyword_only, length_mask
+from ssm.packing import check_seq_idx, positions
 
 BACKENDS = ("auto", "torch", "triton")
 DT_INITS = ("random", "constant")
@@ -75,19 +79,52 @@ def check_state(state, shapes: tuple, device) -> tuple:
     return tuple(state)
 
 
-def causal_conv(u: torch.Tensor, conv: nn.Conv1d, conv_state: torch.Tensor | None) -> torch.Tensor:
-    """Causal depthwise convolution + SiLU of u (B, C, L), continuing from `conv_state` (B, C, W)."""
+def check_packing(seq_idx, lengths, batch: int, L: int) -> torch.Tensor | None:
+    """Validate `seq_idx` (B, L) for a selective layer; it excludes `lengths` (pack without padding,
+    or give padding its own document)."""
+    if seq_idx is None:
+        return None
+    if lengths is not None:
+        raise ValueError("seq_idx and lengths cannot be combined: a packed row has no right padding "
+                         "(put any padding in a document of its own)")
+    return check_seq_idx(seq_idx, batch, L)
+
+
+def causal_conv(u: torch.Tensor, conv: nn.Conv1d, conv_state: torch.Tensor | None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal depthwise convolution + SiLU of u (B, C, L), continuing from `conv_state` (B, C, W).
+
+    With `seq_idx` (B, L) no tap reaches back past its token's document start (the first
+    document may still reach into `conv_state`): one masked product per tap.
+    """
     W = conv.kernel_size[0]
     if conv_state is None:
         window = F.pad(u, (W - 1, 0))                                  # (B, C, W-1+L)
     else:
         window = torch.cat([conv_state[..., 1:].to(u.dtype), u], -1)  # (B, C, W-1+L)
-    return F.silu(F.conv1d(window, conv.weight, conv.bias, groups=conv.groups))   # (B, C, L)
+    if seq_idx is None:
+        return F.silu(F.conv1d(window, conv.weight, conv.bias, groups=conv.groups))   # (B, C, L)
+    L = u.shape[-1]
+    pos = positions(seq_idx)                                           # (B, L)
+    first = seq_idx == seq_idx[:, :1]                                  # (B, L): the first document
+    out = 0.0 if conv.bias is None else conv.bias[:, None]
+    for back in range(W):                                              # tap reading u_{t - back}
+        reach = (pos >= back) | first if conv_state is not None else pos >= back   # (B, L)
+        tap = window[..., W - 1 - back: W - 1 - back + L] * reach[:, None, :].to(u.dtype)   # (B, C, L)
+        out = out + conv.weight[:, 0, W - 1 - back, None] * tap
+    return F.silu(out)                                                 # (B, C, L)
 
 
-def next_conv_state(u: torch.Tensor, conv_state: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """The last W convolution inputs after each row's last real token: (B, C, W)."""
+def next_conv_state(u: torch.Tensor, conv_state: torch.Tensor, lengths: torch.Tensor | None,
+                    seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The last W convolution inputs after each row's last real token: (B, C, W).
+
+    With `seq_idx`, the last document's inputs only (zeros before its start)."""
     W = conv_state.shape[-1]
+    if seq_idx is not None:
+        last = (seq_idx == seq_idx[:, -1:])                            # (B, L): the last document
+        u = u * last[:, None, :].to(u.dtype)
+        conv_state = conv_state * last[:, :1, None].to(conv_state.dtype)   # kept if it is also the first
     seq = torch.cat([conv_state.to(u.dtype), u], -1)                  # (B, C, W+L)
     if lengths is None:
         return seq[..., -W:].to(conv_state.dtype)
@@ -184,15 +221,19 @@ class Mamba(nn.Module):
         return (batch, self.d_inner, self.config.d_conv), (batch, self.d_inner, self.config.d_state)
 
     @keyword_only("state", "lengths")
-    def forward(self, x: torch.Tensor, *, state: tuple | None = None, lengths: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, *, state: tuple | None = None, lengths: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None):
         """x (B, L, d_model) -> (y (B, L, d_model), next_state); next_state is None unless `state` is given.
 
         With `lengths` (right padding) the padded inputs are replaced by zeros and their steps dt
         by 0 (the state stands still there), so next_state is the state after each row's last
-        real token; outputs at padded positions are meaningless.
+        real token; outputs at padded positions are meaningless. With `seq_idx` (B, L) (packed
+        documents, not combined with `lengths`) every document runs as if alone, except that
+        `state` feeds each row's first document; next_state is the last document's.
         """
         Bsz, L = x.shape[:2] if isinstance(x, torch.Tensor) and x.dim() == 3 else (0, 0)
         lengths = check_lengths(lengths, Bsz, L) if Bsz else lengths
+        seq_idx = check_packing(seq_idx, lengths, Bsz, L) if Bsz else seq_idx
         check_x(x, self.d_model, 3, lengths, self.config.check_finite)
         if state is not None:
             state = check_state(state, self._state_shapes(Bsz), self.A_log.device)
@@ -202,7 +243,7 @@ class Mamba(nn.Module):
         N, R = self.config.d_state, self.dt_rank
         u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)        # (B, D, L) each
         conv_state, ssm_state = (None, None) if state is None else state
-        v = causal_conv(u, self.conv1d, conv_state)                   # (B, D, L)
+        v = causal_conv(u, self.conv1d, conv_state, seq_idx)          # (B, D, L)
         dt_raw, Bm, Cm = self.x_proj(v.transpose(1, 2)).split([R, N, N], dim=-1)   # (B, L, R|N|N)
         delta = F.linear(dt_raw, self.dt_proj.weight).transpose(1, 2)  # (B, D, L)
         f = self._state_dtype()
@@ -215,11 +256,11 @@ class Mamba(nn.Module):
         out = selective_scan(v, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.to(f), z=z,
                              delta_bias=bias, delta_softplus=softplus, return_last_state=state is not None,
                              initial_state=None if ssm_state is None else ssm_state.to(self._state_dtype()),
-                             backend=self.config.backend)
+                             backend=self.config.backend, seq_idx=seq_idx)
         if state is None:
             return self.out_proj(out.transpose(1, 2)), None
         y, last = out
-        next_state = (next_conv_state(u, conv_state, lengths), last.to(ssm_state.dtype))
+        next_state = (next_conv_state(u, conv_state, lengths, seq_idx), last.to(ssm_state.dtype))
         return self.out_proj(y.transpose(1, 2)), next_state
 
     def step(self, x_t: torch.Tensor, state: tuple):

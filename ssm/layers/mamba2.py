@@ -10,6 +10,9 @@ gated RMSNorm (`GatedRMSNorm`); out_proj. Settings: `ssm.config.Mamba2Config`.
 Streaming state: `(conv_state (B, conv_dim, d_conv), ssm_state (B, nheads, headdim, N))` with
 conv_dim = d_ssm + 2 ngroups N, in the layouts of the public module; the SSM state is float32
 (float64 for a float64 layer).
+
+Packed documents (`seq_idx`, docs/packing.md): the convolution's taps stop at each document's
+start and the SSD scan restarts from zero there; a given `state` feeds each row's first document.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from ssm.layers.mamba import (
     causal_conv,
     check_dt_range,
     check_int,
+    check_packing,
     check_state,
     check_x,
     conv_step,
@@ -159,14 +163,18 @@ class Mamba2(nn.Module):
         return self.out_proj(y)
 
     @keyword_only("state", "lengths")
-    def forward(self, x: torch.Tensor, *, state: tuple | None = None, lengths: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, *, state: tuple | None = None, lengths: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None):
         """x (B, L, d_model) -> (y (B, L, d_model), next_state); next_state is None unless `state` is given.
 
         With `lengths` (right padding) the padded inputs are replaced by zeros and their steps dt
-        by 0, so next_state is the state after each row's last real token.
+        by 0, so next_state is the state after each row's last real token. With `seq_idx` (B, L)
+        (packed documents, not combined with `lengths`) every document runs as if alone, except
+        that `state` feeds each row's first document; next_state is the last document's.
         """
         Bsz, L = x.shape[:2] if isinstance(x, torch.Tensor) and x.dim() == 3 else (0, 0)
         lengths = check_lengths(lengths, Bsz, L) if Bsz else lengths
+        seq_idx = check_packing(seq_idx, lengths, Bsz, L) if Bsz else seq_idx
         check_x(x, self.d_model, 3, lengths, self.config.check_finite)
         if state is not None:
             state = check_state(state, self._state_shapes(Bsz), self.A_log.device)
@@ -177,7 +185,7 @@ class Mamba2(nn.Module):
         z0, x0, z, xBC, dt = self._split(self.in_proj(x))             # (B, L, .) each
         conv_state, ssm_state = (None, None) if state is None else state
         u = xBC.transpose(1, 2)                                        # (B, conv_dim, L)
-        xBC = causal_conv(u, self.conv1d, conv_state).transpose(1, 2)  # (B, L, conv_dim)
+        xBC = causal_conv(u, self.conv1d, conv_state, seq_idx).transpose(1, 2)  # (B, L, conv_dim)
         xs, Bm, Cm = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
         f = self._state_dtype()
         dt_bias, softplus, limit = self.dt_bias.to(f), True, tuple(cfg.dt_limit)
@@ -189,13 +197,13 @@ class Mamba2(nn.Module):
         out = ssd(xs.unflatten(-1, (H, P)), dt, -torch.exp(self.A_log.to(f)), Bm.unflatten(-1, (G, N)),
                   Cm.unflatten(-1, (G, N)), cfg.chunk_size, D=D, z=None if cfg.rmsnorm else z.unflatten(-1, (H, P)),
                   dt_bias=dt_bias, dt_softplus=softplus, dt_limit=limit,
-                  initial_states=None if ssm_state is None else ssm_state.to(f),
+                  initial_states=None if ssm_state is None else ssm_state.to(f), seq_idx=seq_idx,
                   return_final_states=state is not None, backend=cfg.backend)
         y, last = (out, None) if state is None else out
         y = self._output(y.flatten(-2), z, z0, x0)                     # (B, L, d_model)
         if state is None:
             return y, None
-        return y, (next_conv_state(u, conv_state, lengths), last.to(ssm_state.dtype))
+        return y, (next_conv_state(u, conv_state, lengths, seq_idx), last.to(ssm_state.dtype))
 
     def step(self, x_t: torch.Tensor, state: tuple):
         """One token: x_t (B, d_model), state (see default_state) -> (y_t (B, d_model), new state).

@@ -10,6 +10,10 @@ never branches on the mode after construction. Settings and defaults: `ssm.confi
 
 The SSM part (filter, FFT conv, D skip, state) runs in float32/complex64 with autocast off, or in
 float64/complex128 after `.double()`; only the output projection follows autocast.
+
+Packed documents (`seq_idx`, docs/packing.md): the whole row is convolved at once and the part
+that crosses document boundaries (in both directions when bidirectional) is subtracted exactly,
+from the state at each boundary (`ssm.fftconv.cross_document_response`).
 """
 from __future__ import annotations
 
@@ -20,12 +24,13 @@ from torch import nn
 
 from ssm import filters, hippo
 from ssm.config import S4Config, build, keyword_signature
-from ssm.fftconv import fftconv, no_autocast
+from ssm.fftconv import cross_document_response, fftconv, no_autocast
 from ssm.layers.nn import SequenceDropout, activation, check_finite, check_lengths, keyword_only, length_mask
 from ssm.layers.s4_init import DPLR_INITS, min_rank
 from ssm.layers.ssm_base import check_rate
 from ssm.layers.ssm_diag import DiagSSM
 from ssm.layers.ssm_dplr import DPLRSSM
+from ssm.packing import check_seq_idx
 
 MODES = ("diag", "dplr")
 BACKENDS = ("auto", "torch", "triton")
@@ -203,15 +208,23 @@ class S4(nn.Module):
     # ---- convolution mode ----------------------------------------------------------------------
     @keyword_only("state", "lengths")
     def forward(self, x: torch.Tensor, *, state: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None, rate: float | None = None):
+                lengths: torch.Tensor | None = None, rate: float | None = None,
+                seq_idx: torch.Tensor | None = None):
         """x (B, L, H) -> (y (B, L, H), next_state). next_state is None unless `state` is given.
 
         With `lengths` (right padding) the padded inputs are replaced by zeros (selected, so a
         NaN there never reaches a real output) and next_state is the state after each row's last
-        real position. `rate` scales dt (default `self.rate`).
+        real position. `rate` scales dt (default `self.rate`). With `seq_idx` (B, L) (packed
+        documents, not combined with `lengths`) every document gives what it would alone, except
+        that `state` feeds each row's first document; next_state is the last document's.
         """
         Bsz, L = x.shape[:2] if isinstance(x, torch.Tensor) and x.dim() == 3 else (0, 0)
         lengths = check_lengths(lengths, Bsz, L) if Bsz else lengths
+        if seq_idx is not None and Bsz:
+            if lengths is not None:
+                raise ValueError("seq_idx and lengths cannot be combined: a packed row has no right padding "
+                                 "(put any padding in a document of its own)")
+            seq_idx = check_seq_idx(seq_idx, Bsz, L)
         self._check_x(x, 3, lengths)
         rate = self.rate if rate is None else check_rate(rate)
         if state is not None:
@@ -226,10 +239,47 @@ class S4(nn.Module):
             k, k_rev = (K[:c], K[c:]) if self.config.bidirectional else (K, None)
             # the D skip rides in the same FFT (lag 0 of the filter)
             y = fftconv(u.unsqueeze(1), k, k_rev, self.D, save_spectrum=self.save_spectrum)  # (B, c, H, L)
+            if seq_idx is not None:
+                y = y - self._cross_documents(u, seq_idx, rate).to(y.dtype)
             if state is not None:
-                y = y + ssm.state_response(state, L, rate).to(y.dtype)
+                y = y + self._from_state(state, L, rate, seq_idx).to(y.dtype)
+                if seq_idx is not None:                                # the last document's own state
+                    last = seq_idx == seq_idx[:, -1:]                  # (B, L)
+                    u = u * last[:, None, :].to(u.dtype)
+                    state = state * last[:, :1, None].to(state.dtype)  # kept when it is also the first
                 next_state = ssm.next_state(u, state, rate, lengths).to(state.dtype)
         return self._project(y), next_state
+
+    def _from_state(self, state: torch.Tensor, L: int, rate: float, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """What `state` adds to the outputs (B, c, H, L): every position, or the first document's."""
+        r = self.ssm.state_response(state, L, rate)                    # (B, c, H, L)
+        if seq_idx is None:
+            return r
+        return r * (seq_idx == seq_idx[:, :1])[:, None, None, :].to(r.dtype)
+
+    def _cross_documents(self, u: torch.Tensor, seq_idx: torch.Tensor, rate: float) -> torch.Tensor:
+        """What the whole-row convolution of u (B, H, L) passes between documents: (B, c, H, L).
+
+        Causal side: the response of the state after the previous documents; bidirectional: also
+        the anti-causal filter's reach into later documents, the same computation on the reversed
+        row (its filter starts at lag 0 of the future, hence `first_power=0`).
+        """
+        c, ssm = self.config.channels, self.ssm
+        system = ssm.state_system(rate)
+        zero = ssm.default_state(u.shape[0], u.device)
+
+        def advance(seg, s, n):
+            return ssm.next_state(seg, s, rate, n, system=system)
+
+        def side(channels, first_power):
+            sub = (system[0][channels],) + tuple(system[1:])
+            return lambda s, T: ssm.state_response(s, T, rate, system=sub, first_power=first_power)
+
+        out = cross_document_response(u, seq_idx, advance, side(slice(0, c), 1), zero)
+        if self.config.bidirectional:
+            rev = cross_document_response(u.flip(-1), -seq_idx.flip(-1), advance, side(slice(c, 2 * c), 0), zero)
+            out = out + rev.flip(-1)
+        return out
 
     def _project(self, y: torch.Tensor) -> torch.Tensor:
         """Activation, dropout and output Linear + GLU of the (B, c, H, L) SSM output -> (B, L, H).

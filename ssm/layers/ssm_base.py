@@ -9,7 +9,11 @@ does the projection, the convolution and the streaming and never asks which kind
   `step` and by `ssm.export`;
 - `state_size`, `default_state(batch)`: the recurrent state, (B, H, state_size) complex;
 - `state_response(state, L, rate)`: what an initial state adds to the outputs of L steps;
-- `next_state(u, state, rate, lengths)`: the state after a chunk of inputs.
+- `next_state(u, state, rate, lengths)`: the state after a chunk of inputs;
+- `state_system(rate)`: the tensors the two above need, `(C (c', H, n), transition, Bb)`, built
+  once and passed back as `system=` when they are called many times in one forward (packed
+  documents: one call per document boundary, `ssm.fftconv.cross_document_response`); slicing
+  its C selects output channels.
 
 Parameters are tagged by kind in `param_kinds` (name -> "A", "B", "C", "dt", "P"); the tags live
 on the module, so they survive `copy.deepcopy` and `load_state_dict(..., assign=True)`, and

@@ -65,13 +65,19 @@ class DiagSSM(SSMBase):
         C, log_z, Bb = self.discrete(rate)
         return Recurrence("diag", torch.exp(log_z), Bb, C)
 
-    def state_response(self, state: torch.Tensor, L: int, rate: float = 1.0) -> torch.Tensor:
-        """Zero-input response of `state` over L steps: (B, c', H, L) real (`ssm.fftconv`)."""
-        C, log_z, _ = self.discrete(rate)
-        return diag_state_response(C, log_z, state.to(C.dtype), L, backend=self.backend)
+    def state_system(self, rate: float = 1.0):
+        """(C (c', H, N2), log_z (H, N2), Bb (H, N2)): what `state_response` and `next_state` use."""
+        return self.discrete(rate)
+
+    def state_response(self, state: torch.Tensor, L: int, rate: float = 1.0, *, system=None,
+                       first_power: int = 1) -> torch.Tensor:
+        """Zero-input response of `state` over L steps: (B, c', H, L) real (`ssm.fftconv`);
+        `first_power=0` starts one step earlier (`y_k = 2 Re C z^k s`)."""
+        C, log_z, _ = self.discrete(rate) if system is None else system
+        return diag_state_response(C, log_z, state.to(C.dtype), L, backend=self.backend, first_power=first_power)
 
     def next_state(self, u: torch.Tensor, state: torch.Tensor, rate: float = 1.0,
-                   lengths: torch.Tensor | None = None) -> torch.Tensor:
+                   lengths: torch.Tensor | None = None, *, system=None) -> torch.Tensor:
         """State after the last (real) step of u (B, H, L), padding zeroed: (B, H, N2) (`ssm.fftconv`)."""
-        _, log_z, Bb = self.discrete(rate)
+        _, log_z, Bb = self.discrete(rate) if system is None else system
         return diag_next_state(u, log_z, Bb, state.to(log_z.dtype), lengths)

@@ -152,14 +152,21 @@ class DPLRSSM(SSMBase):
         Ab, Bb = filters.dplr_dense(Lam, P, B, dt * rate)              # complex128
         return self._full_c(Lam, P, B, Ct, dt), Ab, Bb
 
-    def state_response(self, state: torch.Tensor, L: int, rate: float = 1.0) -> torch.Tensor:
-        """Zero-input response `y_k = Re C Ab^(k+1) s`, k < L: (B, c', H, L) (`ssm.fftconv`)."""
-        C, Ab, _ = self._dense(rate)
-        return dense_state_response(C, Ab, state.to(Ab.dtype), L).to(self.real_dtype)
+    def state_system(self, rate: float = 1.0):
+        """(C (c', H, N), Ab (H, N, N), Bb (H, N)) complex128: what `state_response` and
+        `next_state` use (one O(H N^3) setup)."""
+        return self._dense(rate)
+
+    def state_response(self, state: torch.Tensor, L: int, rate: float = 1.0, *, system=None,
+                       first_power: int = 1) -> torch.Tensor:
+        """Zero-input response `y_k = Re C Ab^(k+1) s`, k < L: (B, c', H, L) (`ssm.fftconv`);
+        `first_power=0` starts one step earlier (`y_k = Re C Ab^k s`)."""
+        C, Ab, _ = self._dense(rate) if system is None else system
+        return dense_state_response(C, Ab, state.to(Ab.dtype), L, first_power=first_power).to(self.real_dtype)
 
     def next_state(self, u: torch.Tensor, state: torch.Tensor, rate: float = 1.0,
-                   lengths: torch.Tensor | None = None) -> torch.Tensor:
+                   lengths: torch.Tensor | None = None, *, system=None) -> torch.Tensor:
         """State after the last (real) step of u (B, H, L): (B, H, N) (`ssm.fftconv`), in complex128."""
-        _, Ab, Bb = self._dense(rate)
+        _, Ab, Bb = self._dense(rate) if system is None else system
         s = dense_next_state(u.double(), Ab, Bb, state.to(Ab.dtype), lengths)
         return s.to(self.complex_dtype)
