@@ -1,4 +1,4 @@
-"""ssmkit: state-space sequence layers (HiPPO, S4, S4D, Mamba, Mamba-2), attention baselines, LRA tooling.
+"""ssmkit: state-space sequence layers (HiPPO, S4, S4D, Mamba, Mamba-2, Mamba-3), attention baselines, LRA tooling.
 
 Public names are resolved lazily so `import ssm` stays cheap. Note: an unrelated distribution on
 the package index also installs a top-level `ssm` package; this one comes from `ssmkit`.
@@ -20,15 +20,17 @@ _EXPORTS = {
     "SelectiveBlock": "ssm.layers.block",
     "Mamba": "ssm.layers.mamba",
     "Mamba2": "ssm.layers.mamba2",
+    "Mamba3": "ssm.layers.mamba3",
     "MambaLM": "ssm.interop",
     "S4Config": "ssm.config",
     "AttentionConfig": "ssm.config",
     "BlockConfig": "ssm.config",
     "MambaConfig": "ssm.config",
     "Mamba2Config": "ssm.config",
+    "Mamba3Config": "ssm.config",
 }
-_MODULES = ("approx", "config", "discretize", "distributed", "export", "fftconv", "filters", "hippo", "interop",
-            "layers", "models", "packing")
+_MODULES = ("approx", "config", "decode", "discretize", "distributed", "export", "fftconv", "filters", "hippo",
+            "interop", "layers", "models", "packing")
 
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 

@@ -228,3 +228,39 @@ class Mamba2Config:
 
 
 __all__ += ["MambaConfig", "Mamba2Config"]
+
+
+@dataclass
+class Mamba3Config:
+    """Settings of `ssm.Mamba3` (docs/mamba3.md); names and defaults as the public Mamba-3 module.
+
+    headdim: channels per head (expand * d_model = nheads * headdim); ngroups: groups sharing B, C.
+    rope_fraction: 0.5 or 1.0, the share of the d_state dimensions that rotate (in pairs).
+    A_floor: the data-dependent A is clamped to <= -A_floor. dt_min, dt_max, dt_init_floor: the
+        log-uniform init of dt_bias, as in `Mamba2Config`.
+    is_mimo, mimo_rank: the rank-r (MIMO) state update; SISO (rank 1) when is_mimo is False.
+    is_outproj_norm: a gated RMSNorm per head, norm(y) * silu(z), instead of the gate y * silu(z).
+    fuse_pregate_headwise_norm: accepted for the public signature; a kernel-fusion switch of the
+        public module with no effect on the result.
+    chunk_size: tokens per chunk of the chunked scan (the result does not depend on it).
+    """
+
+    d_state: int = 128
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    rope_fraction: float = 0.5
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    A_floor: float = 1e-4
+    is_outproj_norm: bool = False
+    is_mimo: bool = False
+    mimo_rank: int = 4
+    fuse_pregate_headwise_norm: bool = True
+    chunk_size: int = 64
+    backend: str = "auto"
+    check_finite: bool = True
+
+
+__all__ += ["Mamba3Config"]
