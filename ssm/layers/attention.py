@@ -10,13 +10,23 @@ What lives here:
   none / RoPE (any scaling from `rope.py`, both layouts, partial rotary, 2D axial) / ALiBi, log-n
   logit scaling, and a KV cache so a causal layer follows the SSM layers' contract
   `forward(x, state=None, lengths=None) -> (y, next_state)`, `default_state`, `step`.
+- `StaticKVCache`: a preallocated KV cache written in place (the fast decoding path).
 - `TransformerBlock`: residual block (pre-norm by default) of attention + GELU MLP.
 
-The KV cache stores keys *before* rotation together with their positions and a validity mask, so
-right-padded batches can keep decoding (each row continues at its own length) and variants whose
-frequencies depend on the current length ("dynamic", "longrope") can re-rotate. For those two
-types a step-by-step decode therefore sees different frequencies than one full forward pass (the
-same behaviour as `transformers`); every other variant decodes exactly like the full pass.
+Two KV caches. The dynamic one (`default_state(batch)`, a dict) stores keys *before* rotation
+together with their positions and a validity mask and grows by concatenation, so right-padded
+batches can keep decoding (each row continues at its own length) and variants whose frequencies
+depend on the current length ("dynamic", "longrope") can re-rotate. For those two types a
+step-by-step decode therefore sees different frequencies than one full forward pass (the same
+behaviour as `transformers`); every other variant decodes exactly like the full pass.
+`default_state(batch, max_len=T)` returns a `StaticKVCache` instead: buffers for T slots
+allocated once and written in place, keys stored already rotated (except for the
+length-dependent scalings and ReRoPE, which need the raw keys), so a decoding step reads the
+cache once and copies nothing; a step of a dense (unpadded) causal cache calls SDPA without a
+mask. Both caches give the same outputs.
+
+Packed rows: `forward(x, seq_idx=...)` (see `ssm.packing`) attends within each document only
+(block-diagonal mask, causal inside a block) and restarts RoPE / ALiBi positions at 0 per document.
 Absolute (sinusoidal / learned) positions are added at the model input: see `positional.py`.
 """
 from __future__ import annotations
@@ -27,9 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssm.config import AttentionConfig, BlockConfig, build, keyword_signature, split_options
+from ssm.config import (
+    AttentionConfig,
+    BlockConfig,
+    build,
+    keyword_signature,
+    split_options,
+)
 from ssm.layers import rope as _rope
 from ssm.layers.nn import keyword_only
+from ssm.packing import check_seq_idx
+from ssm.packing import positions as doc_positions
 
 POS_TYPES = ("none", "rope", "rope2d", "alibi")
 IMPLS = ("auto", "sdpa", "explicit")
@@ -58,6 +76,44 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     low = 2 ** int(math.floor(math.log2(n_heads)))
     slopes = geometric(low) + geometric(2 * low)[0::2][: n_heads - low]
     return torch.tensor(slopes, dtype=torch.float64)
+
+
+class StaticKVCache:
+    """The KV cache of one causal attention layer, allocated once for `max_len` slots and written
+    in place (`MultiHeadAttention.default_state(batch, max_len=...)`).
+
+    Every call writes L slots for every row (a padded row marks its extra slots invalid), so
+    `filled` is one number for the batch; `lengths` (B,) counts each row's real tokens, which is
+    the position of its next token. `k` is stored rotated when `rotated` (RoPE applied once at
+    write time). `dense` stays True while no padded call has been made: a decoding step then
+    needs no attention mask.
+    k, v: (B, n_heads, max_len, head_dim); pos: (B, max_len) int64; valid: (B, max_len) bool.
+    """
+
+    def __init__(self, batch_size: int, n_heads: int, head_dim: int, max_len: int, *, device=None,
+                 dtype=torch.float32, rotated: bool = False):
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+            raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
+        self.k = torch.zeros(batch_size, n_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.filled, self.rotated, self.dense = 0, rotated, True
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def check(self, batch: int, n_heads: int, head_dim: int, device) -> None:
+        want = (batch, n_heads, self.max_len, head_dim)
+        if tuple(self.k.shape) != want or self.k.device != device:
+            raise ValueError(f"StaticKVCache holds keys of shape {tuple(self.k.shape)} on {self.k.device}; this call "
+                             f"needs {want} on {device} (batch, n_heads, max_len, head_dim)")
+
+    def nbytes(self) -> int:
+        """Bytes of the filled part of the keys and values (what one decoding step reads)."""
+        return 2 * self.k[:, :, :self.filled].numel() * self.k.element_size()
 
 
 class MultiHeadAttention(nn.Module):
@@ -156,75 +212,150 @@ class MultiHeadAttention(nn.Module):
         cos, sin = (scale * ang.cos())[:, None], (scale * ang.sin())[:, None]  # (B, 1, L, R/2)
         return _rope.apply_rotary(x, cos, sin, interleaved=self.rope_interleaved)
 
-    def default_state(self, batch_size: int, device=None) -> dict:
-        """Empty KV cache: raw (unrotated) keys and values (B, n_heads, 0, head_dim), their positions
-        and a validity mask (B, 0)."""
+    def default_state(self, batch_size: int, device=None, *, max_len: int | None = None):
+        """Empty KV cache. Without `max_len`: the dynamic cache, a dict of raw (unrotated) keys and
+        values (B, n_heads, 0, head_dim), their positions and a validity mask (B, 0). With
+        `max_len`: a `StaticKVCache` of `max_len` slots (prompt + generated tokens)."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         w = self.qkv.weight
         device = w.device if device is None else device
+        if max_len is not None:
+            if not self.causal:
+                raise ValueError("a KV cache is only supported for causal attention")
+            return StaticKVCache(batch_size, self.n_heads, self.head_dim, max_len, device=device, dtype=w.dtype,
+                                 rotated=self.rotary_dim > 0 and not self._raw_keys())
         kv = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=w.dtype)
         return {"k": kv, "v": kv.clone(), "pos": torch.zeros(batch_size, 0, dtype=torch.long, device=device),
                 "valid": torch.zeros(batch_size, 0, dtype=torch.bool, device=device)}
 
-    def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """One decoding step: x_t (B, H) -> (y_t (B, H), state)."""
+    def _raw_keys(self) -> bool:
+        """True when keys cannot be rotated once and kept: frequencies that depend on the current
+        length, or ReRoPE (its scores combine several rotations of the raw keys)."""
+        kind = None if self.rope_scaling is None else self.rope_scaling["type"]
+        return self.rerope or kind in ("dynamic", "longrope")
+
+    def step(self, x_t: torch.Tensor, state) -> tuple[torch.Tensor, dict | StaticKVCache]:
+        """One decoding step: x_t (B, H) -> (y_t (B, H), state). A `StaticKVCache` is updated in
+        place and returned; a dynamic cache is returned grown by one entry."""
         if x_t.dim() != 2:
             raise ValueError(f"x_t must be (B, H), got shape {tuple(x_t.shape)}")
         y, state = self.forward(x_t[:, None], state=state)
         return y[:, 0], state
 
-    @keyword_only("state", "lengths")
-    def forward(self, x: torch.Tensor, *, state: dict | None = None,
-                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
+    def _check_lengths(self, lengths, b: int, length: int, dev, has_state: bool) -> torch.Tensor | None:
+        if lengths is None:
+            return None
+        lengths = torch.as_tensor(lengths, device=dev)
+        lo = 0 if has_state else 1
+        if lengths.shape != (b,) or bool((lengths < lo).any()) or bool((lengths > length).any()):
+            raise ValueError(f"lengths must be shape ({b},) with values in [{lo}, {length}], got "
+                             f"shape {tuple(lengths.shape)}")
+        return lengths
+
+    @keyword_only("state", "lengths", "seq_idx")
+    def forward(self, x: torch.Tensor, *, state=None, lengths: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | StaticKVCache | None]:
+        """x (B, L, H) -> (y (B, L, H), next_state). `state`: a KV cache from `default_state`
+        (causal only); `lengths` (B,): right padding; `seq_idx` (B, L): packed documents."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be (B, L, {self.d_model}), got shape {tuple(x.shape)}")
         if state is not None and not self.causal:
             raise ValueError("state (KV cache) is only supported for causal attention")
         b, length, _ = x.shape
         dev = x.device
-        ar = torch.arange(length, device=dev)
-        new_valid = torch.ones(b, length, dtype=torch.bool, device=dev)
-        if lengths is not None:
-            lengths = torch.as_tensor(lengths, device=dev)
-            lo = 0 if state is not None else 1
-            if lengths.shape != (b,) or bool((lengths < lo).any()) or bool((lengths > length).any()):
-                raise ValueError(f"lengths must be shape ({b},) with values in [{lo}, {length}], got "
-                                 f"shape {tuple(lengths.shape)}")
-            new_valid = ar[None, :] < lengths[:, None]  # (B, L)
-        start = torch.zeros(b, dtype=torch.long, device=dev) if state is None else state["valid"].sum(1)
-        q_pos = start[:, None] + ar[None, :]  # (B, L)
+        lengths = self._check_lengths(lengths, b, length, dev, state is not None)
         q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, L, D)
+        if isinstance(state, StaticKVCache):
+            return self._forward_static(q, k, v, state, lengths)
+        ar = torch.arange(length, device=dev)
+        new_valid = torch.ones(b, length, dtype=torch.bool, device=dev) if lengths is None else (
+            ar[None, :] < lengths[:, None])  # (B, L)
+        doc = None
+        if seq_idx is not None:
+            if state is not None:
+                raise ValueError("seq_idx (packed documents) cannot be combined with a KV cache (state)")
+            if self.rotary_dim and self._raw_keys() and not self.rerope:
+                raise ValueError(f"seq_idx is not supported with RoPE scaling {self.rope_scaling['type']!r} "
+                                 "(its frequencies depend on each document's length)")
+            doc = check_seq_idx(seq_idx, b, length).to(dev)  # (B, L)
+            q_pos = doc_positions(doc)  # (B, L)
+        else:
+            start = torch.zeros(b, dtype=torch.long, device=dev) if state is None else state["valid"].sum(1)
+            q_pos = start[:, None] + ar[None, :]  # (B, L)
         k_pos, valid = q_pos, new_valid
         if state is not None:
             k, v = torch.cat([state["k"], k], dim=2), torch.cat([state["v"], v], dim=2)  # (B, nh, T, D)
             k_pos = torch.cat([state["pos"], q_pos], dim=1)  # (B, T)
             valid = torch.cat([state["valid"], new_valid], dim=1)  # (B, T)
         next_state = {"k": k, "v": v, "pos": k_pos, "valid": valid} if self.causal else None
-        y = self._attend(q, k, v, q_pos, k_pos, valid, plain=state is None and lengths is None)  # (B, nh, L, D)
-        y = y.transpose(1, 2).reshape(b, length, self.d_model)  # (B, L, H)
-        return self.out_proj(y), next_state
+        plain = state is None and lengths is None and doc is None
+        y = self._attend(q, k, v, q_pos, k_pos, valid, mask=("causal" if self.causal else "none") if plain else "full",
+                         doc=doc)  # (B, nh, L, D)
+        return self.out_proj(y.transpose(1, 2).reshape(b, length, self.d_model)), next_state
 
-    def _attend(self, q, k, v, q_pos, k_pos, valid, *, plain: bool) -> torch.Tensor:
+    def _forward_static(self, q, k, v, cache: StaticKVCache, lengths) -> tuple[torch.Tensor, StaticKVCache]:
+        """Write the new keys/values into the preallocated slots, attend over the filled prefix."""
+        b, _, length, _ = q.shape
+        cache.check(b, self.n_heads, self.head_dim, q.device)
+        n = cache.filled
+        if n + length > cache.max_len:
+            raise ValueError(f"StaticKVCache of max_len={cache.max_len} holds {n} slots: no room for {length} more")
+        q_pos = cache.lengths[:, None] + torch.arange(length, device=q.device)  # (B, L)
+        if cache.rotated:
+            inv_freq, cs = self._inv_freq(q_pos)
+            q, k = self._rotate(q, q_pos, inv_freq, cs), self._rotate(k, q_pos, inv_freq, cs)
+        cache.k[:, :, n:n + length] = k
+        cache.v[:, :, n:n + length] = v
+        cache.pos[:, n:n + length] = q_pos
+        if lengths is None:
+            cache.valid[:, n:n + length] = True
+            cache.lengths += length
+        else:
+            new_valid = torch.arange(length, device=q.device)[None, :] < lengths[:, None]  # (B, L)
+            cache.valid[:, n:n + length] = new_valid
+            cache.lengths += lengths
+            cache.dense = False
+        cache.filled = n + length
+        t = cache.filled
+        if cache.dense and self.pos != "alibi" and length == 1:
+            mask = "none"  # every cached key is at an earlier position and valid
+        elif cache.dense and self.pos != "alibi" and n == 0:
+            mask = "causal"
+        else:
+            mask = "full"
+        y = self._attend(q, cache.k[:, :, :t], cache.v[:, :, :t], q_pos, cache.pos[:, :t], cache.valid[:, :t],
+                         mask=mask, rotated=cache.rotated)  # (B, nh, L, D)
+        return self.out_proj(y.transpose(1, 2).reshape(b, length, self.d_model)), cache
+
+    def _attend(self, q, k, v, q_pos, k_pos, valid, *, mask: str, doc=None, rotated: bool = False) -> torch.Tensor:
+        """mask: "none" (every key visible), "causal" (SDPA's own causal mask: query i sees keys
+        <= i, no padding) or "full" (validity, causality by position, documents, ALiBi)."""
         inv_freq, cs = None, 1.0
-        if self.rotary_dim:
+        if self.rotary_dim and not rotated:
             inv_freq, cs = self._inv_freq(k_pos)
             if not self.rerope:
                 q, k = self._rotate(q, q_pos, inv_freq, cs), self._rotate(k, k_pos, inv_freq, cs)
-        if self.log_n_scaling:
-            n = q_pos + 1 if self.causal else valid.sum(1, keepdim=True).expand_as(q_pos)  # (B, L)
-            q = q * _rope.log_n_scale(n, self.max_len).to(q.dtype)[:, None, :, None]
         p_drop = self.dropout if self.training else 0.0
-        allowed = valid[:, None, None, :]  # (B, 1, 1, T)
-        if self.causal:
-            allowed = allowed & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])  # (B, 1, L, T)
+        allowed = None
+        if mask == "full" or self.pos == "alibi" or self.impl != "sdpa" or (self.log_n_scaling and not self.causal):
+            allowed = valid[:, None, None, :]  # (B, 1, 1, T)
+            if self.causal:
+                allowed = allowed & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])  # (B, 1, L, T)
+            if doc is not None:
+                allowed = allowed & (doc[:, None, None, :] == doc[:, None, :, None])  # (B, 1, L, T)
+        if self.log_n_scaling:
+            n = q_pos + 1 if self.causal else allowed.sum(-1)[:, 0]  # (B, L)
+            q = q * _rope.log_n_scale(n, self.max_len).to(q.dtype)[:, None, :, None]
         bias = None
         if self.pos == "alibi":
             dist = (q_pos[:, None, :, None] - k_pos[:, None, None, :]).abs().to(q.dtype)  # (B, 1, L, T)
             bias = -self.slopes.to(q.dtype)[None, :, None, None] * dist  # (B, nh, L, T)
         if self.impl == "sdpa":
-            if plain and bias is None:
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=self.causal)
-            mask = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+            if mask != "full" and bias is None:
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=mask == "causal")
+            attn_mask = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p_drop)
         if self.rerope:
             cfg = self.rope_scaling
             leak = cfg["factor"] if cfg["type"] == "leaky_rerope" else None
@@ -267,22 +398,23 @@ class TransformerBlock(nn.Module):
                                  nn.Dropout(dropout), nn.Linear(d_mlp, d_model, device=device, dtype=dtype))
         self.drop = nn.Dropout(dropout)
 
-    def default_state(self, batch_size: int, device=None) -> dict:
-        return self.attn.default_state(batch_size, device=device)
+    def default_state(self, batch_size: int, device=None, *, max_len: int | None = None):
+        """The attention's KV cache: dynamic (dict) or, with `max_len`, a `StaticKVCache`."""
+        return self.attn.default_state(batch_size, device=device, max_len=max_len)
 
-    @keyword_only("state", "lengths")
-    def forward(self, x: torch.Tensor, *, state: dict | None = None,
-                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
+    @keyword_only("state", "lengths", "seq_idx")
+    def forward(self, x: torch.Tensor, *, state=None, lengths: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | StaticKVCache | None]:
         if self.prenorm:
-            a, next_state = self.attn(self.norm1(x), state=state, lengths=lengths)
+            a, next_state = self.attn(self.norm1(x), state=state, lengths=lengths, seq_idx=seq_idx)
             x = x + self.drop(a)
             return x + self.drop(self.mlp(self.norm2(x))), next_state
-        a, next_state = self.attn(x, state=state, lengths=lengths)
+        a, next_state = self.attn(x, state=state, lengths=lengths, seq_idx=seq_idx)
         x = self.norm1(x + self.drop(a))
         return self.norm2(x + self.drop(self.mlp(x))), next_state
 
-    def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """One decoding step: x_t (B, H) -> (y_t (B, H), state)."""
+    def step(self, x_t: torch.Tensor, state):
+        """One decoding step: x_t (B, H) -> (y_t (B, H), state); see `MultiHeadAttention.step`."""
         if x_t.dim() != 2:
             raise ValueError(f"x_t must be (B, H), got shape {tuple(x_t.shape)}")
         y, state = self.forward(x_t[:, None], state=state)
