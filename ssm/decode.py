@@ -168,10 +168,12 @@ class FusedStep:
                     mamba = isinstance(block.layer, Mamba)
                     fn, plan = (_mamba_step, _mamba_plan) if mamba else (_mamba2_step, _mamba2_plan)
                     self._layers.append((_selective_block_step, (block, fn, plan(block.layer))))
-                elif isinstance(block, TransformerBlock):
+                elif isinstance(block, (TransformerBlock, SelectiveBlock)):
+                    # No fused form (attention with a static cache is already few large ops;
+                    # Mamba-3): the block's own step, whose returned state is used.
                     self._layers.append((None, (block,)))
                 else:
-                    raise TypeError(f"compile_step: no fused step for block {type(block).__name__}")
+                    raise TypeError(f"compile_step: no step for block {type(block).__name__}")
         self._fn = self._step
         if backend == "inductor":
             self._fn = torch.compile(self._step, backend="inductor", dynamic=False)

@@ -1,5 +1,5 @@
 """`ssm.decode.compile_step`: the fused step == the eager `model.step` over 64 tokens (outputs and
-final states), for S4D, S4, Mamba, Mamba-2 and the Transformer; bad arguments."""
+final states), for S4D, S4, Mamba, Mamba-2, Mamba-3 and the Transformer; bad arguments."""
 import copy
 
 import pytest
@@ -16,6 +16,7 @@ CASES = {
     "s4": dict(d_state=8, l_max=64, backend="torch"),
     "mamba": dict(d_state=4),
     "mamba2": dict(d_state=8, headdim=4, ngroups=2),
+    "mamba3": dict(d_state=8, headdim=8),         # no fused form: the block's own step
     "transformer": dict(n_heads=2, pos="rope"),
 }
 
