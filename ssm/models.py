@@ -253,8 +253,14 @@ class SequenceModel(nn.Module):
         h, lengths, next_state, seq_idx = self._backbone(x, lengths, state, seq_idx, cu_seqlens)
         return self.decoder(self._pool(h, lengths, seq_idx)), next_state
 
-    def default_state(self, batch_size: int, device=None) -> list:
-        return [block.default_state(batch_size, device=device) for block in self.blocks]
+    def default_state(self, batch_size: int, device=None, *, max_len: int | None = None) -> list:
+        """One zero state per block. max_len: attention blocks get a preallocated KV cache of that
+        many positions, written in place (`StaticKVCache`); None keeps their growing cache."""
+        from ssm.layers.attention import TransformerBlock
+
+        return [block.default_state(batch_size, device=device, max_len=max_len)
+                if max_len is not None and isinstance(block, TransformerBlock)
+                else block.default_state(batch_size, device=device) for block in self.blocks]
 
     def step(self, x_t: torch.Tensor, state: list):
         """One position: token ids (B,) or features (B, d_input) -> (out_t (B, d_output), state)."""

@@ -105,7 +105,8 @@ def test_sequence_model_steps_with_static_caches():
     tok = torch.randint(0, 7, (2, 6))
     with torch.no_grad():
         full, _ = model(tok)
-        state = [blk.default_state(2, max_len=6) for blk in model.blocks]
+        state = model.default_state(2, max_len=6)
+        assert all(isinstance(st, StaticKVCache) for st in state)
         outs = []
         for t in range(6):
             o, state = model.step(tok[:, t], state)
