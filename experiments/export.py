@@ -1,4 +1,4 @@
-"""`python -m experiments.export`: write the ONNX file of a saved S4/S4D model and stream it in onnxruntime.
+"""`python -m experiments.export`: write the ONNX file of a saved causal model and stream it in onnxruntime.
 
 Checkpoints:
 - an LRA run's `best.pt` / `last.pt` (`experiments.lra.train`): a dict with the run's `config` and
@@ -7,15 +7,18 @@ Checkpoints:
 - a plain `state_dict` of an `ssm.SequenceModel`, with the constructor's keyword arguments given by
   `--model-kwargs` (a JSON object, inline or a file name).
 
-The step form (default) takes one input per call and carries the layer states (see
-`ssm.export.StepModel`); the streaming loop feeds random inputs for `--steps` steps and prints
-tokens per second, and checks the first steps against eager PyTorch. `--form conv` writes the
-convolution form (whole sequences up to `--max-len`) instead. Needs the `export` extra
-(`pip install -e ".[export]"`: onnx, onnxruntime, onnxscript).
+Any causal `SequenceModel` streams: S4 / S4D, Mamba, Mamba-2 (and any layer whose step state is a
+tensor or a tuple of tensors). The step form (default) takes one input per call and carries the
+layer states as a flat list (see `ssm.export.StepModel` and `onnx_names`); the streaming loop
+feeds random inputs for `--steps` steps, prints tokens per second, and checks the first steps
+against eager PyTorch. `--form conv` writes the convolution form (whole sequences up to
+`--max-len`, S4 / S4D only) instead. Needs the `export` extra (`pip install -e ".[export]"`: onnx,
+onnxruntime, onnxscript).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -130,6 +133,9 @@ def stream(path: str, model, *, batch: int, steps: int, threads: int) -> dict:
     names = onnx_names(model, "step")[0]
     xs = random_inputs(model, batch, steps, torch.Generator().manual_seed(0))
     states = [s.numpy() for s in StepModel(model).initial_state(batch)]
+    # the step form streams per-position outputs whatever the pooling (mean pooling: their mean)
+    model = copy.deepcopy(model)
+    model.pooling = "none"
     eager = model.default_state(batch)
     diff, t0 = 0.0, time.perf_counter()
     for t in range(steps):

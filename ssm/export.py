@@ -1,12 +1,20 @@
-"""Export an S4 / S4D `SequenceModel` out of Python: `torch.export` programs and ONNX files.
+"""Export a causal `SequenceModel` or one layer out of Python: `torch.export` programs and ONNX files.
 
 Two forms, both built from a trained model in eval mode and frozen (later parameter changes are
 not seen):
 
 - Step form (`StepModel`, `export_step`): one position at a time, `forward(x_t, *states) ->
-  (out_t, *next_states)`, one state tensor per layer. States are real: a layer's complex state
-  (B, H, n) travels as `torch.view_as_real(state)`, (B, H, n, 2), because ONNX has no complex
-  tensors. Each S4 layer's recurrence is read off its public `recurrence()` once (it is affine in
+  (out_t, *next_states)`, the states a flat list of real tensors with the batch first. One path
+  serves every layer with `step(x_t, state)` and `default_state(batch)` whose state is a tensor or
+  a (nested) tuple / list / NamedTuple of tensors of fixed shapes: the layer's own `step` is
+  traced, its state flattened depth first (Mamba: conv and SSM state; Mamba-2 the same; a
+  Mamba-3 layer whose state is a tuple holding its `Mamba3State` NamedTuple the same way). The
+  step must be traceable by `torch.export`: no Python branch on tensor values (input checks that
+  return early under `torch.compiler.is_compiling()`, as `ssm.layers.nn.check_finite` does, are
+  fine), no complex tensors (ONNX has none), no in-place update of an input state.
+  S4 / S4D layers take a second route, because their step is complex: a layer's state (B, H, n)
+  travels as `torch.view_as_real(state)`, (B, H, n, 2). Each S4 layer's recurrence is read off
+  its public `recurrence()` once (it is affine in
   the state and the input, so feeding it the basis states and a unit input gives its matrices)
   and replayed in real arithmetic: `y_t = W s_{t-1} + d u_t`, `s_t = M s_{t-1} + b u_t`, with `M`
   stored per mode (2 x 2 blocks) when the layer's transition is diagonal (S4D), as diagonal plus
@@ -19,7 +27,7 @@ not seen):
   forward pass at every L up to float32 rounding.
 
 `save_onnx` writes either form with `torch.onnx.export(dynamo=True)`. See docs/s4.md for the
-recurrence and the convolution kernel.
+recurrence and the convolution kernel, docs/selective.md for the selective layers' step.
 """
 from __future__ import annotations
 
@@ -34,18 +42,26 @@ from ssm.models import SequenceModel
 FORMS = ("step", "conv")
 
 
+def _is_s4(layer) -> bool:
+    """An S4-style layer: a linear time-invariant recurrence (`recurrence`) and a filter."""
+    return hasattr(layer, "filter") and hasattr(layer, "recurrence")
+
+
 def _check_model(model, *, streaming: bool) -> None:
     """ValueError/TypeError naming `model` when it cannot be exported in this form."""
     if not isinstance(model, SequenceModel):
         raise TypeError(f"model must be an ssm.SequenceModel, got {type(model).__name__}")
-    layers = [getattr(b, "layer", None) for b in model.blocks]
-    if not all(hasattr(layer, "filter") and hasattr(layer, "step") for layer in layers):
-        raise ValueError("model: export supports S4 / S4D layers (layer='s4' or 's4d'); "
-                         f"got blocks of type {type(model.blocks[0]).__name__}")
+    layers = [getattr(b, "layer", b) for b in model.blocks]   # an attention block steps itself
     if not streaming:
+        if not all(_is_s4(layer) for layer in layers):
+            raise ValueError("model: the convolution form supports S4 / S4D layers (layer='s4' or 's4d'); "
+                             f"got blocks of type {type(model.blocks[0]).__name__} (use the step form)")
         return
     for i, layer in enumerate(layers):
-        if layer.bidirectional:
+        if not (hasattr(layer, "step") and hasattr(layer, "default_state")):
+            raise ValueError(f"model: layer {i} ({type(layer).__name__}) has no step/default_state; the step form "
+                             "supports S4 / S4D, Mamba, Mamba-2 and any layer with a fixed-shape state")
+        if getattr(layer, "bidirectional", False):
             raise ValueError(f"model: layer {i} is bidirectional, which has no recurrence: a step-form "
                              "export needs a causal model (bidirectional=False)")
     if model.pos is not None:
@@ -53,6 +69,42 @@ def _check_model(model, *, streaming: bool) -> None:
     if model.pooling == "cls":
         raise ValueError("model: pooling='cls' cannot stream (the CLS token follows the end of the "
                          "sequence); use pooling 'last', 'mean' or 'none'")
+
+
+def _check_layer(layer) -> None:
+    """TypeError/ValueError naming `model` when a bare layer has no exportable step."""
+    if not isinstance(layer, nn.Module) or not all(hasattr(layer, a) for a in ("step", "default_state", "d_model")):
+        raise TypeError("model must be an ssm.SequenceModel or a layer with step(x_t, state), "
+                        f"default_state(batch_size) and d_model, got {type(layer).__name__}")
+    if getattr(layer, "bidirectional", False):
+        raise ValueError("model: the layer is bidirectional, which has no recurrence: a step-form export "
+                         "needs a causal layer (bidirectional=False)")
+
+
+def _leaves(state, where: str = "state") -> list:
+    """The tensors of a state, depth first: a tensor, or a (nested) tuple / list / NamedTuple of them."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, (tuple, list)):
+        return [t for i, s in enumerate(state) for t in _leaves(s, f"{where}[{i}]")]
+    raise ValueError(f"model: the step form needs states made of tensors and tuples/lists of them; "
+                     f"{where} is a {type(state).__name__} (S4 / S4D, Mamba, Mamba-2 qualify; a KV cache does not)")
+
+
+def _skeleton(state):
+    """The nesting of a state with its tensors replaced by None (kept to rebuild it from leaves)."""
+    if isinstance(state, torch.Tensor):
+        return None
+    return type(state), [_skeleton(s) for s in state]
+
+
+def _rebuild(skeleton, leaves):
+    """Inverse of `_leaves` for the nesting `skeleton`; `leaves` is an iterator."""
+    if skeleton is None:
+        return next(leaves)
+    kind, children = skeleton
+    parts = [_rebuild(c, leaves) for c in children]
+    return kind(*parts) if hasattr(kind, "_fields") else kind(parts)
 
 
 @torch.no_grad()
@@ -166,37 +218,71 @@ class RealStep(nn.Module):
 
 
 class StepModel(nn.Module):
-    """Step form of a causal S4/S4D `SequenceModel`: `forward(x_t, *states) -> (out_t, *states)`.
+    """Step form of a causal `SequenceModel` or of one layer: `forward(x_t, *states) -> (out_t, *states)`.
 
-    x_t: token ids (B,) or features (B, d_input); out_t (B, d_output) is the model's output at this
-    position before pooling (pooling "last": the classifier's output after the last token; "mean":
-    the classifier's output is the mean of the streamed outputs, the decoder being affine).
-    States: one (B, H, n, 2) real tensor per layer, `torch.view_as_real` of the layer's state, so
-    a state from `model(x, state=...)` continues here after `view_as_real`.
+    For a `SequenceModel`, x_t is token ids (B,) or features (B, d_input) and out_t (B, d_output)
+    the model's output at this position before pooling (pooling "last": the classifier's output
+    after the last token; "mean": the classifier's output is the mean of the streamed outputs, the
+    decoder being affine). For a layer (anything with `step(x_t, state)`, `default_state(batch)`
+    and `d_model`, e.g. `ssm.Mamba`, `ssm.Mamba2`), x_t and out_t are (B, d_model).
+
+    States travel as a flat list of tensors, each with the batch first: an S4 / S4D layer's state is
+    one (B, H, n, 2) real tensor, `torch.view_as_real` of its complex state (its recurrence is
+    replayed by `RealStep`); any other layer keeps its own `step` and its state, a tensor or a
+    (nested) tuple / list / NamedTuple of tensors, is flattened depth first (`flat_state`,
+    `unflat_state` convert). Such a state must keep its shapes from step to step.
     """
 
-    def __init__(self, model: SequenceModel):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        _check_model(model, streaming=True)
-        model = copy.deepcopy(model).eval()
-        model.pooling = "none"   # the copy only steps: per-position outputs
-        for block in model.blocks:
-            block.layer = RealStep(block.layer)
+        if isinstance(model, SequenceModel):
+            _check_model(model, streaming=True)
+            model = copy.deepcopy(model).eval()
+            model.pooling = "none"   # the copy only steps: per-position outputs
+            for block in model.blocks:
+                if _is_s4(getattr(block, "layer", None)):
+                    block.layer = RealStep(block.layer)
+        else:
+            _check_layer(model)
+            model = copy.deepcopy(model).eval()
+            model = RealStep(model) if _is_s4(model) else model
         self.model = model
         self.eval()
+        state = self.model.default_state(1)
+        leaves = _leaves(state)
+        self._skeleton = _skeleton(state)
+        self._check_fixed_shapes(leaves)
+
+    @torch.no_grad()
+    def _check_fixed_shapes(self, leaves: list) -> None:
+        new = _leaves(self.model.step(self.example_input(1), self.unflat_state(leaves))[1])
+        if [tuple(t.shape) for t in new] != [tuple(t.shape) for t in leaves]:
+            raise ValueError("model: the state changes shape from one step to the next (a growing cache?): "
+                             f"{[tuple(t.shape) for t in leaves]} -> {[tuple(t.shape) for t in new]}")
+
+    def flat_state(self, state) -> tuple[torch.Tensor, ...]:
+        """A state of the exported model or layer (S4 layers: the real `RealStep` layout) -> flat tuple."""
+        return tuple(_leaves(state))
+
+    def unflat_state(self, flat):
+        """Inverse of `flat_state`."""
+        return _rebuild(self._skeleton, iter(flat))
 
     def initial_state(self, batch_size: int, device=None) -> tuple[torch.Tensor, ...]:
-        return tuple(b.layer.default_state(batch_size, device) for b in self.model.blocks)
+        return self.flat_state(self.model.default_state(batch_size, device))
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        if not isinstance(self.model, SequenceModel):
+            p = next(self.model.buffers() if isinstance(self.model, RealStep) else self.model.parameters())
+            return torch.zeros(batch_size, self.model.d_model, device=p.device, dtype=p.dtype)
         dev = self.model.decoder.weight.device
         if self.model.vocab_size is not None:
             return torch.zeros(batch_size, dtype=torch.long, device=dev)
-        return torch.zeros(batch_size, self.model.d_input, device=dev)
+        return torch.zeros(batch_size, self.model.d_input, device=dev, dtype=self.model.decoder.weight.dtype)
 
     def forward(self, x_t: torch.Tensor, *states: torch.Tensor):
-        out, new = self.model.step(x_t, list(states))
-        return (out, *new)
+        out, new = self.model.step(x_t, self.unflat_state(states))
+        return (out, *_leaves(new))
 
 
 class FrozenConv(nn.Module):
@@ -269,8 +355,8 @@ class ConvModel(nn.Module):
 def _step_dynamic(step: StepModel):
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     # forward(x_t, *states): the states are one variadic argument, so their shapes form one tuple
-    return step, (step.example_input(2), *step.initial_state(2)), ({0: batch}, tuple(
-        {0: batch} for _ in step.model.blocks))
+    states = step.initial_state(2)
+    return step, (step.example_input(2), *states), ({0: batch}, tuple({0: batch} for _ in states))
 
 
 def _conv_dynamic(conv: ConvModel):
@@ -281,7 +367,7 @@ def _conv_dynamic(conv: ConvModel):
     return conv, (x,), ({0: batch, 1: length},)
 
 
-def export_step(model: SequenceModel) -> torch.export.ExportedProgram:
+def export_step(model: nn.Module) -> torch.export.ExportedProgram:
     """`torch.export` program of the step form (`StepModel`), dynamic batch size."""
     step, args, dyn = _step_dynamic(StepModel(model))
     with torch.no_grad():
@@ -295,15 +381,25 @@ def export_conv(model: SequenceModel, max_len: int) -> torch.export.ExportedProg
         return torch.export.export(conv, args, dynamic_shapes=(dyn[0],))
 
 
-def onnx_names(model: SequenceModel, form: str) -> tuple[list[str], list[str]]:
-    """Input and output names of the ONNX graph `save_onnx` writes."""
+def onnx_names(model: nn.Module, form: str) -> tuple[list[str], list[str]]:
+    """Input and output names of the ONNX graph `save_onnx` writes.
+
+    Step form of a `SequenceModel`: `state_{i}` for block i's state when it is one tensor,
+    `state_{i}_{j}` for the j-th tensor (depth first) of a tuple state; of a layer: `state` or
+    `state_{j}`. Outputs: `out` and the same names with `next_` in front.
+    """
     if form == "conv":
         return ["x"], ["out"]
-    n = len(model.blocks)
-    return ["x"] + [f"state_{i}" for i in range(n)], ["out"] + [f"next_state_{i}" for i in range(n)]
+    state = model.default_state(1)
+    if isinstance(model, SequenceModel):
+        names = [f"state_{i}" if isinstance(s, torch.Tensor) else f"state_{i}_{j}"
+                 for i, s in enumerate(state) for j in range(len(_leaves(s)))]
+    else:
+        names = ["state"] if isinstance(state, torch.Tensor) else [f"state_{j}" for j in range(len(_leaves(state)))]
+    return ["x", *names], ["out", *(f"next_{n}" for n in names)]
 
 
-def save_onnx(model: SequenceModel, path: str, *, form: str = "step", max_len: int | None = None) -> str:
+def save_onnx(model: nn.Module, path: str, *, form: str = "step", max_len: int | None = None) -> str:
     """Write the step form (or, with form="conv", the convolution form up to `max_len`) as ONNX.
 
     Uses the dynamo-based `torch.onnx.export` (the FFT becomes ONNX `DFT`). Returns `path`.

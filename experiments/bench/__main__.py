@@ -13,17 +13,25 @@ import sys
 
 from experiments.bench.decode import DECODE_LAYERS
 
-OPS = ("vandermonde", "cauchy", "fftconv")
-LAYERS = ("s4d", "s4", "attention", "transformer")
-PROVIDERS = ("triton", "torch", "plain", "compile", "pykeops")
+OPS = ("vandermonde", "cauchy", "fftconv", "selective_scan", "ssd")
+SELECTIVE_OPS = ("selective_scan", "ssd")
+LAYERS = ("s4d", "s4", "attention", "transformer", "mamba", "mamba2", "mamba-hf", "mamba-hf-pscan",
+          "mamba-mambapy", "mamba2-hf")
+PROVIDERS = ("triton", "torch", "plain", "compile", "pykeops", "mambapy")
+# Selective ops and layers (run only when named): their own shapes unless --H / --N / --layer-H /
+# --layer-N are given (experiments.bench.selective): layers H = d_model (preset `selective_H`), ops
+# H = d_inner = 2 d_model; N = the layer's usual state size.
+DEFAULT_OPS, DEFAULT_LAYERS = OPS[:3], LAYERS[:4]
+SELECTIVE_PROVIDERS = ("triton", "torch", "plain", "mambapy")
+SELECTIVE_N = {"selective_scan": 16, "ssd": 64, "mamba": 16, "mamba2": 64}
 MODES = ("fwd", "fwdbwd")
 K = 1024
 PRESETS = {  # (ops: H, N, L; layers: B, H, N, L)
     "cpu": dict(H=[256], N=[64], L=[K, 2 * K, 4 * K, 8 * K, 16 * K],
-                layer_B=[1], layer_H=[256], layer_N=[64], layer_L=[K, 2 * K, 4 * K, 8 * K, 16 * K]),
+                layer_B=[1], layer_H=[256], layer_N=[64], layer_L=[K, 2 * K, 4 * K, 8 * K, 16 * K], selective_H=[256]),
     "cuda": dict(H=[256, 1024], N=[16, 64, 256], L=[K << i for i in range(7)],
-                 layer_B=[16], layer_H=[1024], layer_N=[64], layer_L=[K << i for i in range(7)]),
-    "smoke": dict(H=[3], N=[8], L=[33, 128], layer_B=[1], layer_H=[16], layer_N=[4], layer_L=[64]),
+                 layer_B=[16], layer_H=[1024], layer_N=[64], layer_L=[K << i for i in range(7)], selective_H=[1024]),
+    "smoke": dict(H=[3], N=[8], L=[33, 128], layer_B=[1], layer_H=[16], layer_N=[4], layer_L=[64], selective_H=[32]),
 }
 
 
@@ -35,8 +43,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--op", nargs="*", choices=OPS, help="operators to run (no names: all)")
-    p.add_argument("--layer", nargs="*", choices=LAYERS, help="layers to run (no names: all)")
+    p.add_argument("--op", nargs="*", choices=OPS, help="operators to run (no names: the first three; "
+                   "selective_scan and ssd only when named)")
+    p.add_argument("--layer", nargs="*", choices=LAYERS, help="layers to run (no names: the first four; the "
+                   "selective layers and their peers only when named)")
     p.add_argument("--decode", action="store_true",
                    help="decoding benchmark instead (per-token latency and tokens/s of generation; see "
                         "the 'decoding' options)")
@@ -88,6 +98,8 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                              "steps each), d_model 256, 4 layers, d_state 64, 4 heads, vocab 256; with --smoke: "
                              "positions 16 32, batch 1 2, 2 steps in 2 rounds, d_model 16, 2 layers, d_state 8")
     g.add_argument("--decode-layers", nargs="+", choices=DECODE_LAYERS, default=list(DECODE_LAYERS))
+    g.add_argument("--decode-step", choices=("fused", "eager"), default="fused",
+                   help="the timed step: ssm.decode.compile_step (fused, default) or model.step (eager)")
     g.add_argument("--positions", type=int, nargs="+", help="context positions P (tokens already decoded)")
     g.add_argument("--batch", type=int, nargs="+", help="batch sizes")
     g.add_argument("--steps", type=int, help="timed decoding steps per case")
@@ -108,7 +120,10 @@ def parse_args(argv):
                     "(the library's chunked reference) / plain (materializing formula) / compile "
                     "(torch.compile of plain) / pykeops, and layer benchmarks (S4D, S4, SDPA attention, "
                     "Transformer+RoPE): time (median, p20-p80) and peak memory vs L. With neither --op nor "
-                    "--layer, runs everything. Shape defaults: CPU H=256 N=64 L=1K..16K (layers B=1); "
+                    "--layer, runs the S4-family set. Selective rows when named: ops selective_scan / ssd "
+                    "(providers torch, plain = the sequential definition, mambapy = its parallel scan), layers "
+                    "mamba / mamba2 and the CPU peers mamba-hf (transformers' sequential path), mamba-hf-pscan, "
+                    "mamba-mambapy, mamba2-hf, B=1 d_model=256 (ops d_inner 512), N 16 / 64. Shape defaults: CPU H=256 N=64 L=1K..16K (layers B=1); "
                     "CUDA H={256,1024} N={16,64,256} L=1K..64K (layers B=16 H=1024). With --decode: "
                     "autoregressive decoding (S4D, S4, Transformer with KV cache) at context positions P.",
         formatter_class=_HelpFormatter)
@@ -120,8 +135,8 @@ def parse_args(argv):
         args.op_all = args.layer_all = True
     else:
         args.op_all, args.layer_all = args.op == [], args.layer == []
-    args.op = list(OPS) if args.op_all else (args.op or [])
-    args.layer = list(LAYERS) if args.layer_all else (args.layer or [])
+    args.op = list(DEFAULT_OPS) if args.op_all else (args.op or [])
+    args.layer = list(DEFAULT_LAYERS) if args.layer_all else (args.layer or [])
     return args
 
 
@@ -184,21 +199,31 @@ def _peaks(args, header: dict, device: str):
     return peaks
 
 
+def _layer_states(layer: str, args, shapes: dict) -> list:
+    """State sizes of a layer's cases: S4/S4D --layer-N; selective layers and their peers their own."""
+    if layer in ("s4d", "s4"):
+        return shapes["layer_N"]
+    if layer.startswith("mamba"):
+        return args.layer_N or [SELECTIVE_N["mamba2" if layer.startswith("mamba2") else "mamba"]]
+    return [None]
+
+
 def build_cases(args, shapes: dict) -> list[dict]:
     """Operator and layer cases; layers first (the targets come from them, so an interrupted run has them)."""
     cases = []
     for op in args.op:
-        for prov in args.providers:
+        sel = op in SELECTIVE_OPS
+        for prov in [p for p in args.providers if (p in SELECTIVE_PROVIDERS if sel else p != "mambapy")]:
             for mode in args.modes:
-                for H in shapes["H"]:
-                    for N in shapes["N"]:
+                for H in (args.H or [2 * h for h in shapes["selective_H"]]) if sel else shapes["H"]:
+                    for N in (args.N or [SELECTIVE_N[op]]) if sel else shapes["N"]:
                         for L in sorted(shapes["L"]):
                             cases.append(dict(kind="op", op=op, provider=prov, H=H, N=N, L=L, mode=mode))
     for layer in args.layer:
         for mode in args.modes:
             for B in shapes["layer_B"]:
-                for H in shapes["layer_H"]:
-                    for N in shapes["layer_N"] if layer in ("s4d", "s4") else [None]:
+                for H in (args.layer_H or shapes["selective_H"]) if layer.startswith("mamba") else shapes["layer_H"]:
+                    for N in _layer_states(layer, args, shapes):
                         for L in sorted(shapes["layer_L"]):
                             cases.append(dict(kind="layer", layer=layer, B=B, H=H, N=N, L=L, mode=mode))
     cases.sort(key=lambda c: c["kind"] != "layer")  # stable: keeps the order within each kind
@@ -237,7 +262,9 @@ def _run_case(case: dict, args, device: str, *, isolate: bool, skip: str | None)
         return {**{k: case[k] for k in keep if k in case}, "status": "SKIPPED", "reason": skip}
     if isolate:
         keys = ("kind", "op", "provider", "layer", "B", "H", "N", "L", "mode")
-        return {**{k: case[k] for k in keys if k in case}, **run_isolated(case, timeout_s=args.timeout)}
+        # the fresh process must use --threads too (torch reads OMP_NUM_THREADS when it starts)
+        env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else None
+        return {**{k: case[k] for k in keys if k in case}, **run_isolated(case, timeout_s=args.timeout, env=env)}
     return run_op_case(case) if case["kind"] == "op" else run_layer_case(case)
 
 
@@ -305,7 +332,7 @@ def run_benchmarks(args, device: str, header: dict) -> int:
     """Operators and layers: settings, cases, run, report."""
     from experiments.bench import report
     preset = PRESETS["smoke" if args.smoke else device]
-    shapes = {k: getattr(args, k) or v for k, v in preset.items()}
+    shapes = {k: getattr(args, k, None) or v for k, v in preset.items()}
     repeats = args.repeats or (3 if args.smoke else 5 if device == "cpu" else 20)
     budget = args.budget if args.budget is not None else (0.2 if args.smoke else 3.0 if device == "cpu" else 1.0)
     peaks = _peaks(args, header, device)
@@ -327,6 +354,7 @@ def decode_config(args) -> dict:
         if value is not None:
             cfg[key] = value
     cfg["pos"] = args.transformer_pos
+    cfg["step"] = args.decode_step
     return cfg
 
 

@@ -6,6 +6,9 @@ input), time and peak memory.
   each at its constructor defaults (causal, default init and discretization).
 - `attention`: `ssm.layers.attention.MultiHeadAttention` (SDPA, bidirectional), head dim 64.
 - `transformer`: `ssm.layers.attention.TransformerBlock(pos="rope")` (pre-norm, GELU MLP), head dim 64.
+- `mamba`, `mamba2` (`ssm.Mamba(H, N)`, `ssm.Mamba2(H, N, headdim=64)`) and their CPU peers
+  `mamba-hf`, `mamba-hf-pscan`, `mamba-mambapy`, `mamba2-hf`: `experiments.bench.selective`
+  (shapes, the peers' correctness check against ssmkit, and the selective layers' floor).
 Memory: on CUDA `max_memory_allocated` above the allocation before the call; on CPU the runner
 measures peak RSS growth in a fresh process per case (`experiments.bench.child`), over one call of
 the layer alone made after the timed calls.
@@ -31,15 +34,23 @@ import importlib.util
 
 import torch
 
-LAYERS = ("s4d", "s4", "attention", "transformer")
+from experiments.bench import selective
+
+LAYERS = ("s4d", "s4", "attention", "transformer") + selective.LAYERS
 HEAD_DIM = 64
 _MODULE = {"s4d": "ssm.layers.s4", "s4": "ssm.layers.s4", "attention": "ssm.layers.attention",
-           "transformer": "ssm.layers.attention"}
+           "transformer": "ssm.layers.attention", "mamba": "ssm.layers.mamba", "mamba2": "ssm.layers.mamba2"}
+_PEER_MODULES = {"mamba-hf": ("transformers.models.mamba.modeling_mamba",),
+                 "mamba-hf-pscan": ("transformers.models.mamba.modeling_mamba", "mambapy.pscan"),
+                 "mamba-mambapy": ("mambapy.mamba",), "mamba2-hf": ("transformers.models.mamba2.modeling_mamba2",)}
 
 
 def preload(layer: str) -> None:
     """Import what the case needs (so a fresh process's RSS baseline includes the imports)."""
-    importlib.import_module(_MODULE[layer])
+    importlib.import_module(_MODULE.get(layer, _MODULE[selective.layer_kind(layer)]))
+    for name in _PEER_MODULES.get(layer, ()):
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            importlib.import_module(name)
 
 
 def build(layer: str, H: int, N: int | None, *, device: str) -> torch.nn.Module:
@@ -47,6 +58,11 @@ def build(layer: str, H: int, N: int | None, *, device: str) -> torch.nn.Module:
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
     preload(layer)
+    if layer in selective.LAYERS:
+        m, why = selective.build_layer(layer, H, N, device=device)
+        if m is None:
+            raise LookupError(why)
+        return m
     n_heads = max(1, H // HEAD_DIM)
     if layer in ("s4d", "s4"):
         from ssm.layers.s4 import S4
@@ -124,6 +140,11 @@ def run_layer_case(case: dict, *, before_timing=None) -> dict:
     res = {"kind": "layer", "amp": amp, **{k: case[k] for k in ("layer", "B", "H", "N", "L", "mode")}}
     try:
         m = build(layer, H, N, device=device)
+        why = selective.check_peer(m, layer, H, N, device) if layer in selective.LAYERS else None
+        if why:
+            return {**res, "status": "FAILED", "reason": why}
+    except LookupError as e:
+        return {**res, "status": "SKIPPED", "reason": str(e)}
     except Exception as e:
         return {**res, "status": "FAILED", "reason": f"construction raised {type(e).__name__}: {str(e)[:200]}"}
     res["params"] = sum(p.numel() for p in m.parameters())
@@ -159,6 +180,8 @@ def run_layer_case(case: dict, *, before_timing=None) -> dict:
         res["activation_bytes"] = activation_bytes(layer, B, H, L, channels=m.channels,
                                                    bidirectional=m.bidirectional,
                                                    out_itemsize=torch.finfo(m.out.weight.dtype).bits // 8)
+    elif layer in selective.LAYERS:
+        floor = selective.layer_floor(selective.layer_kind(layer), B, H, N, L, mode=mode, device=device)
     res = time_case(res, call, device=device, case=case, floor=floor)
     if before_timing is not None and res.get("status") == "OK":
         # CPU memory: one call of the layer alone, after the timed (interleaved) calls, with the

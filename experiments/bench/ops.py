@@ -10,6 +10,8 @@ Providers: `triton`, `torch` (the library's reference backend: chunked, never O(
 convolution), `compile` (torch.compile of `plain`), `pykeops` (vandermonde and cauchy as KeOps
 reductions in real arithmetic; only when pykeops is importable).
 Every provider is checked against complex128 ground truth on the first rows before it is timed.
+The selective ops (`selective_scan`, `ssd`, providers torch / plain / mambapy) have their own
+inputs, check and floor in `experiments.bench.selective`; `run_op_case` hands them over.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from typing import Callable
 import torch
 
 OPS = ("vandermonde", "cauchy", "fftconv")
-PROVIDERS = ("triton", "torch", "plain", "compile", "pykeops")
+SELECTIVE_OPS = ("selective_scan", "ssd")  # cases in experiments.bench.selective (own inputs, check, floor)
+PROVIDERS = ("triton", "torch", "plain", "compile", "pykeops", "mambapy")
 N_NUMERATORS = 4  # S4's Woodbury form needs k00, k01, k10, k11 (docs/operators.md)
 CHECK_ROWS = 2
 BUDGET_FACTOR = 2.0  # a provider may be 2x as wrong as the plain formula at its precision, + atol
@@ -133,6 +136,8 @@ def provider(op: str, name: str, *, device: str, allow_interpreter: bool,
         return lambda inp: plain_call(op, inp)
     if name == "compile":
         return _compiled(op, compile_backend)
+    if name == "mambapy":
+        raise Unavailable(f"mambapy has no {op} (it is a selective-scan peer)")
     return _pykeops_provider(op)
 
 
@@ -343,6 +348,9 @@ def run_op_case(case: dict, *, before_timing: Callable[[], None] | None = None) 
     compile_backend. `before_timing` runs after the check's tensors are freed (the fresh-process
     runner starts its memory measurement there, so the ground truth is not counted)."""
     from experiments.bench.timing import time_case
+    if case["op"] in SELECTIVE_OPS:
+        from experiments.bench.selective import run_selective_op_case
+        return run_selective_op_case(case, before_timing=before_timing)
     op, H, N, L, mode, device = (case[k] for k in ("op", "H", "N", "L", "mode", "device"))
     res = {"kind": "op", **{k: case[k] for k in ("op", "provider", "H", "N", "L", "mode")}}
     try:

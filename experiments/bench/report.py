@@ -1,7 +1,8 @@
 """Benchmark output: header line, fixed-width tables, the JSON file with every raw number, log-log
 PNG plots (time vs L per provider / layer, memory vs L for layers) and the check of the targets
 (BENCHMARKS.md). Layer rows of S4/S4D also carry `x floor` (time over the floor timed alongside)
-and `x act` (peak memory over the activations the backward needs; see experiments/bench/layers.py).
+and `x act` (peak memory over the activations the backward needs; see experiments/bench/layers.py);
+selective op and layer rows carry `x floor` too (experiments/bench/selective.py defines their floors).
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def _fmt(rows: list[list[str]], heads: list[str]) -> str:
 
 def op_table(results: list[dict], *, gpu: bool) -> str:
     heads = ["op", "provider", "mode", "H", "N", "L", "median ms", "p20 ms", "p80 ms", "mem MiB"]
+    floor = any("x_floor" in r for r in results)  # the selective ops time their floor alongside
+    if floor:
+        heads += ["floor ms", "x floor"]
     if gpu:
         heads += ["GFLOP/s", "GB/s", "floor %"]
     heads += ["note"]
@@ -45,6 +49,8 @@ def op_table(results: list[dict], *, gpu: bool) -> str:
     for r in results:
         row = [r["op"], r["provider"], r["mode"], str(r["H"]), str(r["N"]), str(r["L"]),
                _ms(r, "median_s"), _ms(r, "p20_s"), _ms(r, "p80_s"), _mib(r)]
+        if floor:
+            row += [_ms(r, "floor_median_s"), _x(r.get("x_floor"))]
         if gpu:
             row += [f"{r['flop_per_s'] / 1e9:.1f}" if "flop_per_s" in r else "-",
                     f"{r['bytes_per_s'] / 1e9:.1f}" if "bytes_per_s" in r else "-",

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from experiments.lra.schedules import SCHEDULES
 from experiments.lra.tasks import PIXEL_TASKS, TASKS, task_info
-from ssm.config import AttentionConfig, BlockConfig, S4Config
+from ssm.config import AttentionConfig, BlockConfig, Mamba2Config, MambaConfig, S4Config
 
-MODELS = ("s4", "s4d", "transformer")
+MODELS = ("s4", "s4d", "transformer", "mamba", "mamba2")
+SELECTIVE = ("mamba", "mamba2")  # causal-only layers: they need --model.bidirectional=false
 PRESETS = ("paper", "cpu-small")
 ATTENTION_POS = ("rope", "rope2d", "alibi")  # positions handled inside the attention layer
 
@@ -37,8 +38,10 @@ class ModelConfig:
     """The model: backbone size, pooling, positions, head, and the nested layer and block configs.
 
     `ssm` (`ssm.S4Config`) configures the S4/S4D layers, `attention` (`ssm.AttentionConfig`) the
-    Transformer's, `block` (`ssm.BlockConfig`: prenorm, norm, d_ff) the residual block around either;
-    the layer kind is the run's `model_name`. Fields the model sets itself (`DERIVED`) cannot be
+    Transformer's, `mamba` / `mamba2` (`ssm.MambaConfig`, `ssm.Mamba2Config`) the selective layers,
+    `block` (`ssm.BlockConfig`: prenorm, norm, d_ff) the residual block around any of them; the
+    layer kind is the run's `model_name`. The selective layers are causal only: with them
+    `bidirectional` must be false (their presets set it; true is refused, not silently ignored). Fields the model sets itself (`DERIVED`) cannot be
     overridden: `ssm.mode` (from the model name), the layers' `bidirectional` (from `bidirectional`),
     and the attention's positions, lengths and RoPE scaling (from `pos` and the `rope_*` fields).
     """
@@ -59,6 +62,8 @@ class ModelConfig:
     rope_params: str = ""  # further scaling keys as a JSON object, e.g. '{"beta_fast": 16}'
     ssm: S4Config = field(default_factory=S4Config)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
     block: BlockConfig = field(default_factory=BlockConfig)
 
 
@@ -93,6 +98,9 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
+    # Under torchrun: "ddp" replicates the model on every rank; "fsdp" shards parameters, gradients
+    # and optimizer state per block (FSDP2; SSM parameters stay float32 under bf16 autocast).
+    strategy: str = "ddp"
 
 
 @dataclass
@@ -124,6 +132,7 @@ CHOICES = {
     "model.pos": ("none", "sinusoidal", "learned") + ATTENTION_POS,
     "model.head": ("linear", "mlp", "mlp2"),
     "model.head_act": ("gelu", "relu"),
+    "train.strategy": ("ddp", "fsdp"),
     "model.interaction": ("nli", "concat"),
     "model.rope_scaling": _rope_types(),
     "model.block.norm": ("layer", "batch"),
@@ -193,7 +202,7 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-class _Checks:
+class Checks:
     """Collects one message per invalid field, each naming the field as on the command line."""
 
     def __init__(self, cfg: Config):
@@ -265,7 +274,7 @@ def rope_scaling_dict(cfg: Config) -> dict | None:
     return scaling
 
 
-def _check_data(c: _Checks) -> None:
+def _check_data(c: Checks) -> None:
     c.integer("data.max_len", 1, none_ok=True)
     res = c.cfg.data.pathfinder_resolution
     if res is not None and (c.cfg.task not in ("pathfinder", "pathx") or res not in (32, 64, 128, 256)):
@@ -276,7 +285,7 @@ def _check_data(c: _Checks) -> None:
     c.integer("data.num_workers", 0)
 
 
-def _check_ssm(c: _Checks) -> None:
+def _check_ssm(c: Checks) -> None:
     m, s = c.cfg.model, c.cfg.model.ssm
     if not (_is_int(s.d_state) and s.d_state >= 2 and s.d_state % 2 == 0):
         c.fail("model.ssm.d_state", "an even integer >= 2 (N/2 complex conjugate pairs)")
@@ -299,7 +308,7 @@ def _check_ssm(c: _Checks) -> None:
         c.errors.append(f"--model.pos={m.pos} needs --model transformer (positions inside attention)")
 
 
-def _check_transformer(c: _Checks) -> None:
+def _check_transformer(c: Checks) -> None:
     m, a = c.cfg.model, c.cfg.model.attention
     c.integer("model.attention.n_heads", 1)
     c.integer("model.attention.d_mlp", 1, none_ok=True)
@@ -318,7 +327,38 @@ def _check_transformer(c: _Checks) -> None:
                         f"got task {c.cfg.task!r}, head size {head_dim}")
 
 
-def _check_rope(c: _Checks) -> None:
+def _check_selective(c: Checks) -> None:
+    m, name = c.cfg.model, c.cfg.model_name
+    if m.bidirectional is True:
+        c.errors.append(f"--model {name} is causal only (a selective scan runs left to right): set "
+                        "--model.bidirectional=false (its presets do)")
+    if m.pos in ATTENTION_POS:
+        c.errors.append(f"--model.pos={m.pos} needs --model transformer (positions inside attention)")
+    if m.block.d_ff is not None:
+        c.fail("model.block.d_ff", f"None for --model {name} (the selective layers gate their own output)")
+    s = getattr(m, name)
+    for key in ("d_state", "d_conv", "expand"):
+        c.integer(f"model.{name}.{key}", 1)
+    c.real(f"model.{name}.dt_min", 0.0, lo_open=True)
+    c.real(f"model.{name}.dt_max", 0.0, lo_open=True)
+    if _is_real(s.dt_min) and _is_real(s.dt_max) and not s.dt_min <= s.dt_max:
+        c.errors.append(f"--model.{name}.dt_min={s.dt_min!r} must not exceed --model.{name}.dt_max={s.dt_max!r}")
+    if name == "mamba2":
+        c.integer("model.mamba2.headdim", 1)
+        c.integer("model.mamba2.ngroups", 1)
+        c.integer("model.mamba2.chunk_size", 1)
+        d_ssm = s.d_ssm if s.d_ssm is not None else (s.expand * m.d_model if _is_int(s.expand) and
+                                                      _is_int(m.d_model) else None)
+        if _is_int(d_ssm) and _is_int(s.headdim) and s.headdim >= 1 and d_ssm % s.headdim:
+            c.errors.append(f"--model.mamba2.headdim={s.headdim} must divide d_ssm = {d_ssm} "
+                            "(expand * d_model unless --model.mamba2.d_ssm is set)")
+        elif (_is_int(d_ssm) and _is_int(s.headdim) and _is_int(s.ngroups) and s.headdim >= 1 and s.ngroups >= 1
+              and (d_ssm // s.headdim) % s.ngroups):
+            c.errors.append(f"--model.mamba2.ngroups={s.ngroups} must divide the number of heads "
+                            f"{d_ssm // s.headdim}")
+
+
+def _check_rope(c: Checks) -> None:
     m = c.cfg.model
     c.choice("model.rope_scaling")
     c.real("model.rope_factor", 0.0, lo_open=True, none_ok=True)
@@ -350,7 +390,7 @@ def _check_rope(c: _Checks) -> None:
                         "--model.rope_window, --model.rope_original_len or --model.rope_params)")
 
 
-def _check_model(c: _Checks) -> None:
+def _check_model(c: Checks) -> None:
     c.integer("model.d_model", 1)
     c.integer("model.n_layers", 1)
     for key in ("pooling", "pos", "head", "head_act", "interaction", "block.norm"):
@@ -361,12 +401,14 @@ def _check_model(c: _Checks) -> None:
     c.integer("model.head_hidden", 2 if c.cfg.model.head == "mlp2" else 1, none_ok=True)
     if c.cfg.model_name == "transformer":
         _check_transformer(c)
+    elif c.cfg.model_name in SELECTIVE:
+        _check_selective(c)
     else:
         _check_ssm(c)
     _check_rope(c)
 
 
-def _check_optim(c: _Checks) -> None:
+def check_optim(c: Checks) -> None:
     o = c.cfg.optim
     c.real("optim.lr", 0.0, lo_open=True)
     c.real("optim.ssm_lr", 0.0, lo_open=True, none_ok=True)
@@ -390,7 +432,7 @@ def _check_optim(c: _Checks) -> None:
                         f"--optim.schedule_steps={o.schedule_steps}")
 
 
-def _check_train(c: _Checks) -> None:
+def check_train(c: Checks) -> None:
     c.integer("train.epochs", 1)
     c.integer("train.max_steps", 0, none_ok=True)
     c.integer("train.seed", 0)
@@ -401,6 +443,7 @@ def _check_train(c: _Checks) -> None:
     c.flag("train.progress")
     c.choice("train.device")
     c.integer("train.threads", 1, none_ok=True)
+    c.choice("train.strategy")
 
 
 def validate(cfg: Config) -> Config:
@@ -410,11 +453,11 @@ def validate(cfg: Config) -> Config:
     allowed range. Cheap (no data, no model): call it before loading data or creating a run folder.
     """
     check_names(cfg.task, cfg.model_name, cfg.preset)
-    c = _Checks(cfg)
+    c = Checks(cfg)
     _check_data(c)
     _check_model(c)
-    _check_optim(c)
-    _check_train(c)
+    check_optim(c)
+    check_train(c)
     if c.errors:
         raise ValueError("invalid config: " + "; ".join(c.errors) if len(c.errors) > 1 else c.errors[0])
     return cfg

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from experiments.lra import checkpoint as ckpt_io
 from experiments.lra.checkpoint import save
 from experiments.lra.data import collate
 from experiments.lra.trainer import ShardSampler, Trainer
@@ -23,38 +24,62 @@ def _all_sum(values: list[float], device: torch.device, world: int) -> list[floa
     return t.tolist()
 
 
+def _lockstep(loader, device, world: int):
+    """The loader's batches, then repeats of its last batch (marked False) until every rank has run
+    as many forwards as the rank with the most: a sharded (FSDP) model gathers its parameters in
+    every forward, a collective that all ranks must join."""
+    n = torch.tensor([len(loader)], device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    batch = None
+    for batch in loader:
+        yield batch, True
+    for _ in range(int(n) - len(loader)):
+        yield batch, False
+
+
 @torch.no_grad()
-def evaluate(model, loader, *, device, amp: bool, n_classes: int, world: int) -> dict:
-    """Loss, accuracy, majority-class rate and mean real length over the loader (summed across ranks)."""
+def evaluate(model, loader, *, device, amp: bool, n_classes: int, world: int, lockstep: bool = False) -> dict:
+    """Loss, accuracy, majority-class rate and mean real length over the loader (summed across ranks).
+
+    Counts are over labelled targets: examples, or positions when the model returns per-position
+    logits; "mean_len" is per example. lockstep: every rank runs the same number of forwards (FSDP)."""
     model.eval()
-    loss_sum, correct, count, len_sum = 0.0, 0.0, 0.0, 0.0
+    loss_sum, correct, count, len_sum, n_seq = 0.0, 0.0, 0.0, 0.0, 0.0
     hist = torch.zeros(n_classes, dtype=torch.float64)
-    for x, lengths, y in loader:
+    batches = _lockstep(loader, device, world) if lockstep else ((b, True) for b in loader)
+    for (x, lengths, y), counted in batches:
+        if not counted:
+            model(x.to(device), lengths.to(device))
+            continue
         x, lengths, y = x.to(device), lengths.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x, lengths)  # (B, n_classes)
-        logits = logits.float()
+        # Per-position logits (B, L, C) flatten like per-example ones; targets of -100 are ignored.
+        logits, y = logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)
+        labelled = y != -100
         loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += float((logits.argmax(-1) == y).sum())
-        count += y.numel()
+        correct += float((logits.argmax(-1) == y)[labelled].sum())
+        count += float(labelled.sum())
         len_sum += float(lengths.float().mean(-1).sum()) if lengths.dim() == 2 else float(lengths.sum())
-        hist += torch.bincount(y.cpu(), minlength=n_classes).double()
-    stats = _all_sum([loss_sum, correct, count, len_sum] + hist.tolist(), device, world)
-    loss_sum, correct, count, len_sum, hist = stats[0], stats[1], stats[2], stats[3], stats[4:]
+        n_seq += lengths.shape[0]
+        hist += torch.bincount(y[labelled].cpu(), minlength=n_classes).double()
+    stats = _all_sum([loss_sum, correct, count, len_sum, n_seq] + hist.tolist(), device, world)
+    loss_sum, correct, count, len_sum, n_seq, hist = stats[0], stats[1], stats[2], stats[3], stats[4], stats[5:]
     if count == 0:
         raise ValueError("evaluation saw no examples")  # load_splits refuses empty splits before this
     return {"loss": loss_sum / count, "acc": correct / count, "n": int(count), "majority": max(hist) / count,
-            "mean_len": len_sum / count}
+            "mean_len": len_sum / n_seq}
 
 
 def eval_split(tr: Trainer, split: str) -> dict:
     ds = tr.splits[split]
     loader = DataLoader(ds, batch_size=tr.cfg.data.eval_batch_size or tr.cfg.data.batch_size,
                         sampler=ShardSampler(len(ds), num_replicas=tr.rt.world, rank=tr.rt.rank),
-                        collate_fn=functools.partial(collate, pad_id=0), num_workers=tr.cfg.data.num_workers,
+                        collate_fn=tr.collate or functools.partial(collate, pad_id=0),
+                        num_workers=tr.cfg.data.num_workers,
                         generator=torch.Generator().manual_seed(0))
     return evaluate(tr.model, loader, device=tr.rt.device, amp=tr.rt.amp, n_classes=tr.task.n_classes,
-                    world=tr.rt.world)
+                    world=tr.rt.world, lockstep=ckpt_io.sharded(tr))
 
 
 def validate(tr: Trainer) -> dict:
@@ -79,7 +104,7 @@ def finish(tr: Trainer, stopped: bool) -> dict:
     if rt.world > 1:
         dist.barrier()
     best = torch.load(tr.best_path, map_location=rt.device, weights_only=False)
-    tr.model.load_state_dict(best["model"])
+    ckpt_io.load_states(tr, best, tr.best_path, optimizer=False)
     test = eval_split(tr, "test")
     tr.log(split="test", step=best["state"]["step"], loss=test["loss"], acc=test["acc"])
     result = {"task": cfg.task, "model": cfg.model_name, "preset": cfg.preset, "test_acc": test["acc"],
@@ -90,7 +115,7 @@ def finish(tr: Trainer, stopped: bool) -> dict:
               "n_params": sum(p.numel() for p in tr.model.parameters()), "config": cfg.to_dict()}
     if rt.main:
         (tr.out / "result.json").write_text(json.dumps(result, indent=2))
-        print(f"\n[lra] TEST ACCURACY {cfg.task}/{cfg.model_name}: {100 * test['acc']:.2f}%  "
+        print(f"\n[{tr.tag}] TEST ACCURACY {cfg.task}/{cfg.model_name}: {100 * test['acc']:.2f}%  "
               f"(n={test['n']}, majority class {100 * test['majority']:.2f}%, best val "
               f"{100 * s['best_val_acc']:.2f}% at step {s['best_step']}) -> {tr.out / 'result.json'}", flush=True)
     return result

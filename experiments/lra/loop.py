@@ -50,7 +50,9 @@ def train_step(tr: Trainer, x, lengths, y) -> tuple[torch.Tensor, torch.Tensor, 
     x, lengths, y = x.to(device), lengths.to(device), y.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.rt.amp):
         logits = tr.ddp_model(x, lengths)  # (B, n_classes)
-    loss = torch.nn.functional.cross_entropy(logits.float(), y)
+    # Per-position logits (B, L, C) with targets (B, L) flatten like per-example ones; targets of
+    # -100 (positions without a label) are ignored.
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
     tr.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.optim.grad_clip > 0:  # 0 (or less) disables clipping
@@ -69,8 +71,13 @@ def _after_step(tr: Trainer, loss: torch.Tensor, logits: torch.Tensor, y: torch.
     now = time.perf_counter()
     s["seconds"] += now - tr.tick
     tr.tick = now
+    cpu = time.process_time()
+    s["cpu_seconds"] = s.get("cpu_seconds", 0.0) + cpu - tr.cpu_tick
+    tr.cpu_tick = cpu
     if s["step"] % cfg.train.log_every == 0 or s["step"] == 1:
-        acc = float((logits.argmax(-1) == y.to(logits.device)).float().mean())
+        y = y.to(logits.device)
+        labelled = y != -100
+        acc = float((logits.argmax(-1) == y)[labelled].float().mean())
         tr.log(split="train", step=s["step"], epoch=s["epoch"], loss=loss.item(), acc=acc,
                lr=lr, seconds=s["seconds"])
     if cfg.train.eval_every and s["step"] % cfg.train.eval_every == 0:
@@ -89,7 +96,7 @@ def train_epoch(tr: Trainer, should_stop: Stopper) -> bool:
     tr.sampler.start = s["batch_in_epoch"] * cfg.data.batch_size
     bar = tqdm(total=tr.steps_per_epoch, initial=s["batch_in_epoch"], dynamic_ncols=True,
                desc=f"epoch {s['epoch'] + 1}/{cfg.train.epochs}", disable=not (cfg.train.progress and tr.rt.main))
-    tr.tick = time.perf_counter()
+    tr.tick, tr.cpu_tick = time.perf_counter(), time.process_time()
     try:
         for x, lengths, y in tr.train_loader:
             loss, logits, lr = train_step(tr, x, lengths, y)

@@ -31,11 +31,15 @@ from experiments.lra.tasks import task_info
 def layer_config(cfg: Config, train_len: int):
     """The layer config of the configured model type, with the fields the model sets itself.
 
+    Mamba / Mamba-2: `model.mamba` / `model.mamba2` as they are (causal; nothing derived).
+
     `train_len` is the training sequence length (with the CLS token where there is one); attention
     positions that depend on it (log-n, YaRN, ...) take it as their training length, and an S4
     (DPLR) layer relates its learned C to it.
     """
     m = cfg.model
+    if cfg.model_name in ("mamba", "mamba2"):
+        return getattr(m, cfg.model_name)
     if cfg.model_name != "transformer":
         return dataclasses.replace(m.ssm, mode="dplr" if cfg.model_name == "s4" else "diag", l_max=None)
     att = dataclasses.replace(m.attention, pos="none", max_len=None, grid_width=None, rope_scaling=None)

@@ -15,7 +15,7 @@ import typing
 from experiments.lra.config import CHOICES, DERIVED, MOVED, SECTIONS, Config, derive, get_field, validate
 
 
-def _field_type(section_cls, key: str, path: list[str]):
+def field_type(section_cls, key: str, path: list[str]):
     """The type of the field at `path` inside `section_cls`, following nested dataclasses; ValueError
     naming the fields that exist when there is no such field."""
     cls = section_cls
@@ -36,13 +36,23 @@ def _field_type(section_cls, key: str, path: list[str]):
     return tp
 
 
-def _parse_value(key: str, text: str, tp):
-    """Parse `text` as type `tp` (bool, int, float, str, or `X | None`)."""
+def parse_value(key: str, text: str, tp):
+    """Parse `text` as type `tp`: bool, int, float, str, `X | None`, `int | str` (an int when it
+    reads as one, e.g. `dt_rank=8` or `dt_rank=auto`) or a tuple of numbers (`1,16` or `(1, 16)`)."""
     args = typing.get_args(tp)
     if type(None) in args:
         if text.lower() in ("none", "null"):
             return None
-        (tp,) = [a for a in args if a is not type(None)]
+        rest = [a for a in args if a is not type(None)]
+        tp = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+        args = typing.get_args(tp)
+    if set(args) == {int, str}:
+        return parse_value(key, text, int) if text.lstrip("+-").isdigit() else text
+    if tp is tuple or typing.get_origin(tp) is tuple:
+        parts = [p.strip() for p in text.strip().strip("()[]").split(",") if p.strip()]
+        if not parts:
+            raise ValueError(f"--{key}: expected comma-separated numbers such as 1,16, got {text!r}")
+        return tuple(parse_value(key, p, float) for p in parts)
     if tp is bool:
         low = text.lower()
         if low in ("1", "true", "yes", "on"):
@@ -73,7 +83,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, str]) -> Config:
             raise ValueError(f"--{key} has moved: use --{MOVED[key]}")
         if key in DERIVED:
             raise ValueError(f"--{key} is set by the model from {DERIVED[key]}; it cannot be overridden")
-        value = _parse_value(key, text, _field_type(SECTIONS[section], key, path))
+        value = parse_value(key, text, field_type(SECTIONS[section], key, path))
         allowed = CHOICES.get(key)
         if allowed is not None and value not in allowed:
             raise ValueError(f"--{key} must be one of {allowed}, got {value!r}")

@@ -12,6 +12,11 @@ validates: the config a run uses.
   writes at most 2,000 tokens, the task length); Text and Retrieval are capped at 1,024 bytes on
   purpose (longer documents are truncated, and the data loader reports how many); the image tasks
   keep their full length. Its ListOps row is the quick start.
+- `mamba` / `mamba2` (either preset): no public LRA configuration exists; each preset's S4 values
+  (sizes, optimizer, schedule, data) with the selective layer in place of S4, made causal
+  (`bidirectional=False`: the selective scan has no backward direction), pre-norm with layer norm,
+  and the public modules' state sizes (Mamba d_state 16; Mamba-2 d_state 64, head size 64; in
+  cpu-small Mamba-2 head size 16 and chunk size 64). cpu-small uses lr 4e-3 for them.
 
 `python -m experiments.lra.presets --table` prints the README's table of every `paper` value with the
 public file it comes from (`SOURCES`, `SOURCE_FILES`, `DIFFERENCES`); a test compares the two, so the
@@ -21,8 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments.lra.config import (MODELS, PIXEL_TASKS, PRESETS, TASKS, Config, check_names, derive, get_field,
-                                    sequence_length, validate)
+from experiments.lra.config import (MODELS, PIXEL_TASKS, PRESETS, SELECTIVE, TASKS, Config, check_names, derive,
+                                    get_field, sequence_length, validate)
 from experiments.lra.overrides import apply_overrides
 
 S4_COMMIT = "62a14bb"  # state-spaces/s4 commit of the configs/experiment/lra/s4-*.yaml files read
@@ -130,6 +135,9 @@ def _cpu_small(cfg: Config) -> None:
         m.pos = "sinusoidal"
         m.attention = dataclasses.replace(m.attention, n_heads=4, d_mlp=2 * d_model)
         cfg.optim.lr = 1e-3
+    elif cfg.model_name in SELECTIVE:
+        _selective(cfg)
+        cfg.optim.lr = 4e-3
     else:
         # Post-norm + batch norm reached 39.5% ListOps val accuracy after 500 steps where pre-norm +
         # layer norm reached 35.5% (same data, seed and lr).
@@ -137,6 +145,22 @@ def _cpu_small(cfg: Config) -> None:
         # b_clip=None: the exact eigenbasis B, with which the quick start's published numbers were made.
         m.ssm = dataclasses.replace(m.ssm, d_state=64, b_clip=None)
         m.block = dataclasses.replace(m.block, prenorm=False, norm="batch")
+
+
+def _selective(cfg: Config) -> None:
+    """Mamba / Mamba-2: causal (the only way they run), pre-norm with layer norm (the Mamba blocks'
+    own arrangement), the public modules' state sizes except Mamba-2's in cpu-small: head size 16
+    (a 64-wide model, d_inner 128, gets 8 heads, and narrower test models still divide) and chunk
+    size 64."""
+    m = cfg.model
+    m.bidirectional, m.pos = False, "none"
+    m.block = dataclasses.replace(m.block, prenorm=True, norm="layer", d_ff=None)
+    if cfg.model_name == "mamba2":
+        # chunk_size only trades work between the scan's two stages (the result does not depend on
+        # it); 64 instead of 256 keeps the chunked scan from padding ListOps' short sequences.
+        small = cfg.preset == "cpu-small"
+        m.mamba2 = dataclasses.replace(m.mamba2, d_state=64, headdim=16 if small else 64,
+                                       chunk_size=64 if small else 256)
 
 
 def preset_config(task: str, model: str, preset: str = "cpu-small") -> Config:
@@ -149,6 +173,8 @@ def preset_config(task: str, model: str, preset: str = "cpu-small") -> Config:
         cfg.model.ssm.dt_min = 1e-4
     if preset == "paper":
         (_transformer_paper if model == "transformer" else _ssm_paper)(cfg)
+        if model in SELECTIVE:
+            _selective(cfg)
     else:
         _cpu_small(cfg)
     validate(derive(cfg))

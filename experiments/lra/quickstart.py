@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     p.add_argument("--out", type=Path, default=Path("runs/lra-quickstart"),
                    help="output folder: data/ plus one run folder per model (run folders are replaced)")
-    p.add_argument("--models", nargs="+", default=["s4d", "transformer"], choices=["s4d", "s4", "transformer"])
+    p.add_argument("--models", nargs="+", default=["s4d", "transformer"], choices=["s4d", "s4", "transformer", "mamba", "mamba2"])
     p.add_argument("--max-steps", type=int, default=None, help="cap on training steps per model (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
     rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))

@@ -6,12 +6,14 @@ final report `experiments.lra.evaluate`, checkpoints `experiments.lra.checkpoint
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -86,6 +88,9 @@ class Trainer:
         "step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_acc": -1.0, "best_step": -1, "val_step": -1,
         "seconds": 0.0})
     tick: float = 0.0  # perf_counter at the last time accounted in state["seconds"]
+    cpu_tick: float = 0.0  # process_time at the same moment, for state["cpu_seconds"]
+    collate: Callable | None = None  # batches of evaluation splits (None: LRA's right-padding collate)
+    tag: str = "lra"  # prefix of printed lines
 
     @property
     def last_path(self) -> Path:
@@ -108,7 +113,7 @@ class Trainer:
 
     def say(self, text: str) -> None:
         if self.rt.main:
-            print(f"[lra] {text}", flush=True)
+            print(f"[{self.tag}] {text}", flush=True)
 
 
 def setup_device(cfg: Config) -> Runtime:
@@ -144,6 +149,19 @@ def load_splits(cfg: Config, data_dir: Path, rt: Runtime) -> dict:
     return splits
 
 
+def shard_model(model: torch.nn.Module, *, amp: bool) -> None:
+    """FSDP2 over every rank: each residual block of the backbone one unit, its sequence layer a
+    float32 unit inside it (bf16 compute elsewhere under autocast), the task heads in the root."""
+    from ssm.distributed.fsdp import fully_shard_model
+
+    backbones = [m for m in model.modules() if isinstance(getattr(m, "blocks", None), torch.nn.ModuleList)]
+    if not backbones:
+        raise ValueError(f"train.strategy=fsdp: {type(model).__name__} has no backbone with residual blocks")
+    if len(backbones) > 1:
+        raise ValueError(f"train.strategy=fsdp supports one backbone per model, found {len(backbones)}")
+    fully_shard_model(backbones[0], param_dtype=torch.bfloat16 if amp else None, root=model)
+
+
 def build(cfg: Config, rt: Runtime, splits: dict, out: Path) -> Trainer:
     """Model, optimizer, schedule and training loader, in the order that fixes the random streams."""
     from experiments.lra.data import collate
@@ -152,11 +170,13 @@ def build(cfg: Config, rt: Runtime, splits: dict, out: Path) -> Trainer:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, device=rt.device)  # sizes from the task table and config.sequence_length
     o = cfg.optim
-    optimizer = make_optimizer(model, cfg)
     ddp_model = model
-    if rt.world > 1:
+    if rt.world > 1 and cfg.train.strategy == "fsdp":
+        shard_model(model, amp=rt.amp)  # in place; the optimizer must see the sharded parameters
+    elif rt.world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    optimizer = make_optimizer(model, cfg)
     sampler = ResumableSampler(splits["train"], num_replicas=rt.world, rank=rt.rank, seed=cfg.train.seed)
     # A private generator: building a DataLoader iterator must not draw from the global RNG, or a
     # resumed run's dropout masks would drift from the uninterrupted run's.
@@ -199,8 +219,7 @@ def check_memory(tr: Trainer, *, force: bool) -> None:
 def start(tr: Trainer, ckpt: dict | None) -> None:
     """Load the checkpoint being resumed (or seed a fresh run) and write the run's header."""
     if ckpt is not None:
-        tr.model.load_state_dict(ckpt["model"])
-        tr.optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt_io.load_states(tr, ckpt, tr.last_path)
         tr.scheduler.load_state_dict(ckpt["scheduler"])
         tr.state.update(ckpt["state"])
         rng = ckpt["rng"]  # a list (one per rank) when saved by a distributed run
@@ -232,5 +251,6 @@ def read_resume(cfg: Config, out: Path, rt: Runtime, resume: bool) -> dict | Non
         raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it "
                               "or choose another --out")
     ckpt = torch.load(last, map_location=rt.device, weights_only=False)
-    ckpt_io.check_config(ckpt["config"], cfg.to_dict())
+    defaults = {name: dataclasses.asdict(type(getattr(cfg, name))()) for name in ("data", "model", "optim", "train")}
+    ckpt_io.check_config(ckpt["config"], cfg.to_dict(), defaults=defaults)
     return ckpt

@@ -93,6 +93,11 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
     step = effective_dt(dt.to(ct), None if dt_bias is None else dt_bias.to(ct), dt_softplus, dt_limit)
     doc = None if seq_idx is None else segment_ids(seq_idx)
     init = None if initial_states is None else initial_states.to(ct).contiguous()
+    # A sequence shorter than a chunk would be padded to the whole chunk (work ~ chunk^2): use the
+    # smallest power of two that holds it. The result does not depend on the chunk size.
+    L = x.shape[1]
+    if not isinstance(L, torch.SymInt) and L < chunk_size:
+        chunk_size = 1 << max(L - 1, 0).bit_length()
     y, final = ssd_op(x.to(ct).contiguous(), step.contiguous(), A.to(ct).contiguous(), B.to(ct).contiguous(),
                       C.to(ct).contiguous(), init, doc, chunk_size, which)
     y = skip_and_gate(y, x.to(ct), None if D is None else D.to(ct), None if z is None else z.to(ct)).to(x.dtype)

@@ -245,3 +245,17 @@ def test_rsqrt_and_lra_cosine_schedules():
 def test_table_cli_prints_the_readme_section(capsys):
     presets.main(["--table"])
     assert capsys.readouterr().out.strip() == preset_tables_markdown().strip()
+
+
+def test_overrides_parse_int_or_str_and_tuple_fields():
+    from experiments.lra import presets
+
+    cfg = presets.build_config("listops", "mamba", "cpu-small", {"model.mamba.dt_rank": "8"})
+    assert cfg.model.mamba.dt_rank == 8
+    cfg = presets.build_config("listops", "mamba", "cpu-small", {"model.mamba.dt_rank": "auto"})
+    assert cfg.model.mamba.dt_rank == "auto"
+    cfg = presets.build_config("listops", "mamba2", "cpu-small", {"model.mamba2.A_init_range": "2,8",
+                                                                  "model.mamba2.dt_limit": "(0.001, inf)"})
+    assert cfg.model.mamba2.A_init_range == (2.0, 8.0) and cfg.model.mamba2.dt_limit == (0.001, float("inf"))
+    with pytest.raises(ValueError, match="A_init_range: expected float, got 'x'"):
+        presets.build_config("listops", "mamba2", "cpu-small", {"model.mamba2.A_init_range": "1,x"})

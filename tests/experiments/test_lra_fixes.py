@@ -200,3 +200,21 @@ def test_memory_estimate_runs_for_an_s4_dplr_model_and_leaves_its_length_alone()
     est = memory.tensor_estimate(model, seq_shape=(37,), device=torch.device("cpu"), amp=False)
     assert est.step_1 > 0
     assert [m.l_max for m in layers] == before
+
+
+def test_resume_accepts_a_checkpoint_written_before_a_field_existed():
+    """A field added after a checkpoint was written (e.g. train.strategy) counts as its default;
+    set to anything else it is still a difference that refuses the resume."""
+    from experiments.lra import checkpoint
+
+    cfg = presets.build_config("listops", "s4d", "cpu-small", {})
+    now = cfg.to_dict()
+    old = cfg.to_dict()
+    del old["train"]["strategy"]
+    defaults = {k: v for k, v in config.Config().to_dict().items() if k in ("data", "model", "optim", "train")}
+    checkpoint.check_config(old, now, defaults=defaults)
+    now["train"]["strategy"] = "fsdp"
+    with pytest.raises(ValueError, match=r"train\.strategy: 'ddp' -> 'fsdp'"):
+        checkpoint.check_config(old, now, defaults=defaults)
+    with pytest.raises(ValueError, match=r"train\.strategy: \(absent\) -> 'fsdp'"):
+        checkpoint.check_config(old, now)
