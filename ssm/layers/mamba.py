@@ -24,7 +24,7 @@ from torch import nn
 from kernels.selective_scan import selective_scan, selective_state_update
 from ssm.config import MambaConfig, build, keyword_signature
 from ssm.discretize import log_dt_init
-from ssm.layers.nn import check_finite, check_lengths, keyword_only, length_mask
+from ssm.layers.nn import ConfigAttributes, check_finite, check_lengths, keyword_only, length_mask
 from ssm.packing import check_seq_idx, positions
 
 BACKENDS = ("auto", "torch", "triton")
@@ -161,7 +161,7 @@ def _check_config(cfg: MambaConfig, d_model: int) -> int:
     return cfg.dt_rank
 
 
-class Mamba(nn.Module):
+class Mamba(ConfigAttributes, nn.Module):
     """Mamba selective SSM layer on (B, L, d_model) sequences; see the module docstring.
 
     Every keyword is a field of `MambaConfig` (defaults live there); `Mamba(d_model,
@@ -196,15 +196,6 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(D, d_model, bias=cfg.bias, **fk)
         self.param_kinds = {"A_log": "A", "D": "D"}
         self.dt_proj.param_kinds = {"bias": "dt"}
-
-    def __getattr__(self, name: str):
-        # settings read as attributes (layer.d_state, layer.d_conv, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in MambaConfig.__dataclass_fields__ and "config" in self.__dict__:
-                return getattr(self.__dict__["config"], name)
-            raise
 
     def _state_dtype(self) -> torch.dtype:
         return torch.promote_types(self.A_log.dtype, torch.float32)

@@ -37,7 +37,7 @@ from ssm.layers.mamba import (
     dt_bias_init,
     next_conv_state,
 )
-from ssm.layers.nn import check_lengths, keyword_only, length_mask
+from ssm.layers.nn import ConfigAttributes, check_lengths, keyword_only, length_mask
 
 
 class GatedRMSNorm(nn.Module):
@@ -93,7 +93,7 @@ def _check_config(cfg: Mamba2Config, d_model: int) -> tuple[int, int]:
     return d_ssm, nheads
 
 
-class Mamba2(nn.Module):
+class Mamba2(ConfigAttributes, nn.Module):
     """Mamba-2 layer on (B, L, d_model) sequences; see the module docstring.
 
     Every keyword is a field of `Mamba2Config` (defaults live there). Parameter kinds
@@ -126,14 +126,6 @@ class Mamba2(nn.Module):
                                      norm_before_gate=cfg.norm_before_gate, **fk)
         self.out_proj = nn.Linear(d_inner, d_model, bias=cfg.bias, **fk)
         self.param_kinds = {"A_log": "A", "dt_bias": "dt", "D": "D"}
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in Mamba2Config.__dataclass_fields__ and "config" in self.__dict__:
-                return getattr(self.__dict__["config"], name)
-            raise
 
     def _state_dtype(self) -> torch.dtype:
         return torch.promote_types(self.A_log.dtype, torch.float32)

@@ -40,7 +40,7 @@ from ssm.layers.mamba import (
     dt_bias_init,
 )
 from ssm.layers.mamba2 import GatedRMSNorm
-from ssm.layers.nn import check_lengths, keyword_only, length_mask
+from ssm.layers.nn import ConfigAttributes, check_lengths, keyword_only, length_mask
 
 
 def heavy_tail(v: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def _check_config(cfg: Mamba3Config, d_model: int) -> tuple[int, int, int]:
     return H, (cfg.mimo_rank if cfg.is_mimo else 1), S
 
 
-class Mamba3(nn.Module):
+class Mamba3(ConfigAttributes, nn.Module):
     """Mamba-3 layer on (B, L, d_model) sequences; see the module docstring.
 
     Every keyword is a field of `Mamba3Config` (defaults live there). Parameter kinds
@@ -124,14 +124,6 @@ class Mamba3(nn.Module):
             self.norm = GatedRMSNorm(self.d_inner, group_size=P, eps=1e-5, norm_before_gate=True, **fk)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **fk)
         self.param_kinds = {"dt_bias": "dt", "D": "D"}
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in Mamba3Config.__dataclass_fields__ and "config" in self.__dict__:
-                return getattr(self.__dict__["config"], name)
-            raise
 
     def _state_dtype(self) -> torch.dtype:
         return torch.promote_types(torch.promote_types(self.in_proj.weight.dtype, self.dt_bias.dtype), torch.float32)

@@ -57,6 +57,20 @@ def check_finite(x: torch.Tensor, lengths: torch.Tensor | None, name: str = "x")
                          "Build the layer with check_finite=False to skip this check")
 
 
+class ConfigAttributes:
+    """Mixin for a layer that keeps its settings in `self.config` (a dataclass): the settings read
+    as attributes (`layer.d_state`, `layer.d_conv`, ...). Put it before `nn.Module` in the bases."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            config = self.__dict__.get("config")
+            if config is not None and name in type(config).__dataclass_fields__:
+                return getattr(config, name)
+            raise
+
+
 def keyword_only(*names: str):
     """Decorator for `forward(self, x, *, state=None, lengths=None, ...)`: a positional `state` or
     `lengths` (the order of older versions) raises a TypeError naming the keyword spelling."""

@@ -25,7 +25,8 @@ from torch import nn
 from ssm import filters, hippo
 from ssm.config import S4Config, build, keyword_signature
 from ssm.fftconv import cross_document_response, fftconv, no_autocast
-from ssm.layers.nn import SequenceDropout, activation, check_finite, check_lengths, keyword_only, length_mask
+from ssm.layers.nn import (ConfigAttributes, SequenceDropout, activation, check_finite, check_lengths, keyword_only,
+                          length_mask)
 from ssm.layers.s4_init import DPLR_INITS, min_rank
 from ssm.layers.ssm_base import check_rate
 from ssm.layers.ssm_diag import DiagSSM
@@ -84,7 +85,7 @@ def _check_config(cfg: S4Config, d_model: int) -> int:
     return cfg.n_ssm
 
 
-class S4(nn.Module):
+class S4(ConfigAttributes, nn.Module):
     """S4 (mode="dplr") or S4D (mode="diag") layer on (B, L, d_model) sequences.
 
     `S4(d_model, d_state=64, *, mode="diag", ...)`: every keyword is a field of `S4Config` (its
@@ -124,15 +125,6 @@ class S4(nn.Module):
     def rank(self) -> int | None:
         """mode="dplr": the low-rank size in use (the measure's own rank when not given); else None."""
         return getattr(self.ssm, "rank", None)
-
-    def __getattr__(self, name: str):
-        # settings read as attributes (layer.d_state, layer.mode, layer.channels, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in S4Config.__dataclass_fields__ and "config" in self.__dict__:
-                return getattr(self.__dict__["config"], name)
-            raise
 
     @property
     def l_max(self) -> int | None:
