@@ -150,6 +150,23 @@ def _check_shards(layer, sizes: list[int]) -> None:
                          f"reads that far back), got shard lengths {sizes}")
 
 
+def _selective_forward(layer, cls, x: torch.Tensor, state, lengths, seq_idx):
+    """The selective layers on a shard: run from a zero state for this shard's final state s_r,
+    exchange (s_r, the shard's summed dt), then run again from the incoming state."""
+    _refuse(state, lengths, seq_idx)
+    _check_x(x, layer.d_model)
+    rank, _ = rank_and_size(layer.cp_group)
+    _check_shards(layer, all_gather_ints(x.shape[1], layer.cp_group, x.device))
+    zero = layer.default_state(x.shape[0], x.device)
+    conv_in = _conv_state_in(layer, cls, x, rank, layer.cp_group, zero)
+    _, (_, s) = cls.forward(layer, x, state=(conv_in, zero[1]))       # this shard's final state from zero
+    dt = layer._cp_dt(x, conv_in)                                    # (B, L_r, C): the shard's step sizes
+    rows = all_gather_tensors([s, dt.sum(1)], layer.cp_group)        # s_q, sum dt_q (B, C) per rank
+    h = incoming_state(rows, rank, lambda q, h: layer._cp_decay(rows[q][1], h), zero[1])
+    y, _ = cls.forward(layer, x, state=(conv_in, h.to(zero[1].dtype)))
+    return y, None
+
+
 class ContextParallelMamba2(Mamba2):
     """`ssm.Mamba2` on this rank's shard of a sequence split over `cp_group`."""
 
@@ -158,22 +175,17 @@ class ContextParallelMamba2(Mamba2):
     @keyword_only("state", "lengths")
     def forward(self, x: torch.Tensor, *, state=None, lengths=None, seq_idx=None):
         """x: this rank's shard (B, L_r, d_model) -> (y (B, L_r, d_model), None)."""
-        _refuse(state, lengths, seq_idx)
-        _check_x(x, self.d_model)
-        rank, _ = rank_and_size(self.cp_group)
-        _check_shards(self, all_gather_ints(x.shape[1], self.cp_group, x.device))
-        zero = self.default_state(x.shape[0], x.device)
-        conv_in = _conv_state_in(self, Mamba2, x, rank, self.cp_group, zero)
-        _, (_, s) = Mamba2.forward(self, x, state=(conv_in, zero[1]))   # (B, nheads, headdim, N)
+        return _selective_forward(self, Mamba2, x, state, lengths, seq_idx)
+
+    def _cp_dt(self, x: torch.Tensor, conv_in: torch.Tensor) -> torch.Tensor:
         f, H = self._state_dtype(), self.nheads
         bias = None if self.in_proj.bias is None else self.in_proj.bias[-H:]
         dt_raw = F.linear(x, self.in_proj.weight[-H:], bias)            # (B, L_r, H): in_proj's last H outputs
-        dt = effective_dt(dt_raw.to(f), self.dt_bias.to(f), True, tuple(self.config.dt_limit))
-        rows = all_gather_tensors([s, dt.sum(1)], self.cp_group)        # s (B, H, P, N), sum dt (B, H)
-        A = -torch.exp(self.A_log.to(f))                                # (H,)
-        h = incoming_state(rows, rank, lambda q, h: torch.exp(A * rows[q][1])[..., None, None] * h, zero[1])
-        y, _ = Mamba2.forward(self, x, state=(conv_in, h.to(zero[1].dtype)))
-        return y, None
+        return effective_dt(dt_raw.to(f), self.dt_bias.to(f), True, tuple(self.config.dt_limit))
+
+    def _cp_decay(self, dt_sum: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        A = -torch.exp(self.A_log.to(dt_sum.dtype))                     # (H,)
+        return torch.exp(A * dt_sum)[..., None, None] * h               # h (B, H, P, N)
 
 
 class ContextParallelMamba(Mamba):
@@ -184,23 +196,18 @@ class ContextParallelMamba(Mamba):
     @keyword_only("state", "lengths")
     def forward(self, x: torch.Tensor, *, state=None, lengths=None, seq_idx=None):
         """x: this rank's shard (B, L_r, d_model) -> (y (B, L_r, d_model), None)."""
-        _refuse(state, lengths, seq_idx)
-        _check_x(x, self.d_model)
-        rank, _ = rank_and_size(self.cp_group)
-        _check_shards(self, all_gather_ints(x.shape[1], self.cp_group, x.device))
-        zero = self.default_state(x.shape[0], x.device)
-        conv_in = _conv_state_in(self, Mamba, x, rank, self.cp_group, zero)
-        _, (_, s) = Mamba.forward(self, x, state=(conv_in, zero[1]))    # (B, D, N)
+        return _selective_forward(self, Mamba, x, state, lengths, seq_idx)
+
+    def _cp_dt(self, x: torch.Tensor, conv_in: torch.Tensor) -> torch.Tensor:
         f, R = self._state_dtype(), self.dt_rank
         u = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)[0]          # (B, D, L_r)
         v = causal_conv(u, self.conv1d, conv_in)                        # (B, D, L_r)
         dt_raw = self.x_proj(v.transpose(1, 2))[..., :R]                # (B, L_r, R)
-        dt = F.softplus(F.linear(dt_raw, self.dt_proj.weight).to(f) + self.dt_proj.bias.to(f))   # (B, L_r, D)
-        rows = all_gather_tensors([s, dt.sum(1)], self.cp_group)        # s (B, D, N), sum dt (B, D)
-        A = -torch.exp(self.A_log.to(f))                                # (D, N)
-        h = incoming_state(rows, rank, lambda q, h: torch.exp(A * rows[q][1][..., None]) * h, zero[1])
-        y, _ = Mamba.forward(self, x, state=(conv_in, h.to(zero[1].dtype)))
-        return y, None
+        return F.softplus(F.linear(dt_raw, self.dt_proj.weight).to(f) + self.dt_proj.bias.to(f))   # (B, L_r, D)
+
+    def _cp_decay(self, dt_sum: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        A = -torch.exp(self.A_log.to(dt_sum.dtype))                     # (D, N)
+        return torch.exp(A * dt_sum[..., None]) * h                     # h (B, D, N)
 
 
 CONTEXT_PARALLEL = {S4: ContextParallelS4, Mamba2: ContextParallelMamba2, Mamba: ContextParallelMamba}
