@@ -25,7 +25,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from experiments.lra import checkpoint as ckpt_io
@@ -34,7 +33,8 @@ from experiments.lra.evaluate import finish
 from experiments.lra.loop import Stopper, train_loop
 from experiments.lra.overrides import apply_overrides, format_config, split_overrides
 from experiments.lra.presets import preset_config
-from experiments.lra.trainer import build, check_memory, load_splits, read_resume, setup_device, start
+from experiments.lra.trainer import (build, check_memory, load_splits, read_resume, run_in_process, setup_device,
+                                     start)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,15 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.print_config:
         print(format_config(cfg))
         return {}
-    threads = torch.get_num_threads()
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
-    try:
-        return run(cfg, data_dir=args.data_dir, out=args.out, resume=args.resume, force=args.force)
-    finally:
-        torch.set_num_threads(threads)  # callers in the same process keep their setting
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_in_process(cfg, lambda: run(cfg, data_dir=args.data_dir, out=args.out, resume=args.resume,
+                                           force=args.force))
 
 
 if __name__ == "__main__":

@@ -131,6 +131,20 @@ def setup_device(cfg: Config) -> Runtime:
     return Runtime(rank, world, device, amp=cfg.train.amp and device.type == "cuda")
 
 
+def run_in_process(cfg, job: Callable[[], dict]) -> dict:
+    """Run a training `job` with torch's thread count from `cfg.train.threads`, then restore it
+    (callers in the same process keep their setting) and end the process group, if any."""
+    threads = torch.get_num_threads()
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        return job()
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def load_splits(cfg: Config, data_dir: Path, rt: Runtime) -> dict:
     """Read the task's splits and refuse those too small for this run (naming their file)."""
     from experiments.lra.data import load_task

@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from experiments.lra import checkpoint as ckpt_io
 from experiments.lra.evaluate import finish
 from experiments.lra.loop import Stopper, train_loop
 from experiments.lra.overrides import split_overrides
-from experiments.lra.trainer import read_resume, setup_device, start
+from experiments.lra.trainer import read_resume, run_in_process, setup_device, start
 from experiments.synthetic.build import build, length_results
 from experiments.synthetic.config import MODELS, PRESETS, Config, apply_overrides, preset_config, validate
 from experiments.synthetic.data import TASKS
@@ -156,13 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.print_config:
         print(format_config(cfg))
         return {}
-    threads = torch.get_num_threads()
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
-    try:
-        return run(cfg, out=args.out, resume=args.resume)
-    finally:
-        torch.set_num_threads(threads)
+    return run_in_process(cfg, lambda: run(cfg, out=args.out, resume=args.resume))
 
 
 if __name__ == "__main__":
