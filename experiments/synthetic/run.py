@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from experiments.lra import checkpoint as ckpt_io
 from experiments.lra.evaluate import finish
 from experiments.lra.loop import Stopper, train_loop
