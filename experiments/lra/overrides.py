@@ -10,7 +10,9 @@ itself (`config.DERIVED`) cannot be overridden.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
+from pathlib import Path
 
 from experiments.lra.config import CHOICES, DERIVED, MOVED, SECTIONS, Config, derive, get_field, validate
 
@@ -126,3 +128,22 @@ def format_config(cfg: Config) -> str:
     for section in SECTIONS:
         lines += _lines(section, dataclasses.asdict(getattr(cfg, section)))
     return "\n".join(lines)
+
+
+def parse_cli(parser, argv: list[str] | None, make_config, out_root: str):
+    """Command line -> (args, config) for a training entry point: `--section.field=value` overrides
+    are split off, the rest parsed by `parser`, the config built by `make_config(args, overrides)`
+    (which validates it); a bad value exits through `parser.error` (status 2, with the usage line).
+    The default run folder is `runs/<out_root>/<task>-<model>-<preset>`."""
+    try:
+        rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    except ValueError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    try:
+        cfg = make_config(args, overrides)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    if args.out is None:
+        args.out = Path("runs") / out_root / f"{args.task}-{args.model}-{args.preset}"
+    return args, cfg

@@ -31,7 +31,7 @@ from experiments.lra import checkpoint as ckpt_io
 from experiments.lra.config import MODELS, PRESETS, TASKS, Config, validate
 from experiments.lra.evaluate import finish
 from experiments.lra.loop import Stopper, train_loop
-from experiments.lra.overrides import apply_overrides, format_config, split_overrides
+from experiments.lra.overrides import apply_overrides, format_config, parse_cli
 from experiments.lra.presets import preset_config
 from experiments.lra.trainer import (build, check_memory, load_splits, read_resume, run_in_process, setup_device,
                                      start)
@@ -59,30 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
-    parser = build_parser()
-    try:
-        rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
-    except ValueError as e:
-        parser.error(str(e))
-    args = parser.parse_args(rest)
-    try:
-        cfg = apply_overrides(preset_config(args.task, args.model, args.preset), overrides)
-    except (ValueError, TypeError) as e:
-        parser.error(str(e))  # exits with status 2 and the usage line, like any bad argument
+def _make_config(args: argparse.Namespace, overrides: dict[str, str]) -> Config:
+    cfg = apply_overrides(preset_config(args.task, args.model, args.preset), overrides)
     if args.max_steps is not None:
         if args.max_steps < 0:
-            parser.error(f"--max-steps must be >= 0, got {args.max_steps}")
+            raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
         cfg.train.max_steps = args.max_steps
     if args.seed is not None:
         cfg.train.seed = args.seed
-    try:
-        validate_config(cfg)
-    except (ValueError, TypeError) as e:
-        parser.error(str(e))
-    if args.out is None:
-        args.out = Path("runs") / "lra" / f"{args.task}-{args.model}-{args.preset}"
-    return args, cfg
+    validate_config(cfg)
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    return parse_cli(build_parser(), argv, _make_config, "lra")
 
 
 def validate_config(cfg: Config) -> None:

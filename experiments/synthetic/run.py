@@ -25,7 +25,7 @@ from pathlib import Path
 from experiments.lra import checkpoint as ckpt_io
 from experiments.lra.evaluate import finish
 from experiments.lra.loop import Stopper, train_loop
-from experiments.lra.overrides import split_overrides
+from experiments.lra.overrides import parse_cli
 from experiments.lra.trainer import read_resume, run_in_process, setup_device, start
 from experiments.synthetic.build import build, length_results
 from experiments.synthetic.config import MODELS, PRESETS, Config, apply_overrides, preset_config, validate
@@ -69,19 +69,8 @@ def make_config(task: str, model: str, preset: str, overrides: dict[str, str], *
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
-    parser = build_parser()
-    try:
-        rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
-    except ValueError as e:
-        parser.error(str(e))
-    args = parser.parse_args(rest)
-    try:
-        cfg = make_config(args.task, args.model, args.preset, overrides, max_steps=args.max_steps, seed=args.seed)
-    except (ValueError, TypeError) as e:
-        parser.error(str(e))  # exits with status 2 and the usage line, like any bad argument
-    if args.out is None:
-        args.out = Path("runs") / "synthetic" / f"{args.task}-{args.model}-{args.preset}"
-    return args, cfg
+    return parse_cli(build_parser(), argv, lambda args, overrides: make_config(
+        args.task, args.model, args.preset, overrides, max_steps=args.max_steps, seed=args.seed), "synthetic")
 
 
 def format_config(cfg: Config) -> str:
