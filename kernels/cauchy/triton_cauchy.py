@@ -254,3 +254,10 @@ def cauchy_bwd_triton(grad: torch.Tensor, v: torch.Tensor, z: torch.Tensor, w: t
                                        R=R, BLOCK_R=_block_r(R), SYMMETRIC=symmetric)
             torch.sum(part, dim=0, out=gz)                                   # (M,)
     return gv, gz, gw
+
+
+def ptxas_cases() -> list:
+    """What `tests/kernels/ptxas_check.py` compiles ahead of time: S4 with one output channel and
+    rank 1 sums R = 4 numerators (one block of 4 rows), symmetric or not."""
+    cases = [{"R": 4, "BLOCK_R": 4, "SYMMETRIC": s} for s in (True, False)]
+    return [(_cauchy_fwd_kernel, cases), (_cauchy_bwd_vw_kernel, cases), (_cauchy_bwd_z_kernel, cases)]

@@ -187,3 +187,10 @@ def vandermonde_bwd_triton(grad: torch.Tensor, v: torch.Tensor, x: torch.Tensor)
         _vandermonde_bwd_kernel[(R, triton.cdiv(N, block_n))](g, planes(v), planes(x), torch.view_as_real(gv),
                                                               torch.view_as_real(gx), N, L, BLOCK_N=block_n)
     return gv, gx
+
+
+def ptxas_cases() -> list:
+    """What `tests/kernels/ptxas_check.py` compiles ahead of time: each kernel with each BLOCK_N
+    the launchers pass (16 up to 32, `_block_n`)."""
+    block_n = [{"BLOCK_N": bn} for bn in (16, 32)]
+    return [(_vandermonde_fwd_kernel, block_n), (_vandermonde_bwd_kernel, block_n)]

@@ -30,31 +30,55 @@ _REPORT = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) 
                      r".*?Used (\d+) registers", re.S)
 
 
+# Every module of Triton kernels; one that does not exist (yet) is skipped. Each defines
+# `ptxas_cases()` -> [(kernel, [launcher constexprs, ...], {argument: ptx type, ...}), ...]: the
+# (autotuned or plain `@triton.jit`) kernel, each value its launchers give the constexprs outside
+# the autotune config, and the types of the arguments that are not float32 pointers or i32
+# (e.g. {"seq_ptr": "*i32", "scale": "fp32"}).
+KERNEL_MODULES = ("kernels.vandermonde.triton_vandermonde", "kernels.cauchy.triton_cauchy",
+                  "kernels.selective_scan.triton_selective_scan", "kernels.ssd.triton_ssd",
+                  "kernels.mamba3.triton_mamba3")
+
+
 def _cases():
-    """(autotuned kernel, constexpr values the launchers choose besides the autotune config)."""
-    from kernels.cauchy import triton_cauchy as tc
-    from kernels.vandermonde import triton_vandermonde as tv
-    # The launchers' BLOCK_N: 16 up to 32 in both Vandermonde kernels (`_block_n`).
-    vandermonde = [{"BLOCK_N": bn} for bn in (16, 32)]
-    # S4 with one output channel and rank 1 sums R = 4 numerators (one block of 4 rows).
-    cauchy = [{"R": 4, "BLOCK_R": 4, "SYMMETRIC": s} for s in (True, False)]
-    return [(tv._vandermonde_fwd_kernel, vandermonde), (tv._vandermonde_bwd_kernel, vandermonde),
-            (tc._cauchy_fwd_kernel, cauchy), (tc._cauchy_bwd_vw_kernel, cauchy), (tc._cauchy_bwd_z_kernel, cauchy)]
+    """(kernel, launcher constexprs, argument types) of every module in KERNEL_MODULES."""
+    import importlib
+    import importlib.util
+    out = []
+    for name in KERNEL_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        for case in importlib.import_module(name).ptxas_cases():
+            kernel, extras, types = (*case, {})[:3]
+            out.append((kernel, extras, types))
+    return out
 
 
-def _signature(fn) -> dict:
+def _configs(kernel):
+    """(jit function, [(constexprs, num_warps), ...]) of an autotuned or a plain kernel."""
+    if hasattr(kernel, "configs"):
+        return kernel.fn, [(c.kwargs, c.num_warps) for c in kernel.configs]
+    return kernel, [({}, 4)]
+
+
+def _signature(fn, types: dict | None = None) -> dict:
+    """Argument types: constexprs, float32 pointers (`*_ptr`) and i32 unless `types` says otherwise."""
     constexprs = {fn.arg_names[i] for i in fn.constexprs}
-    return {a: "constexpr" if a in constexprs else "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+    sig = {a: "constexpr" if a in constexprs else "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+    unknown = set(types or {}) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"{fn.__name__}: ptxas_cases names arguments it does not have: {sorted(unknown)}")
+    return {**sig, **(types or {})}
 
 
-def compile_one(fn, constexprs: dict, num_warps: int, arch: int) -> dict:
+def compile_one(fn, constexprs: dict, num_warps: int, arch: int, types: dict | None = None) -> dict:
     """Compile `fn` for sm_`arch`; ptxas's report and the shared memory as a dict."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        k = triton.compile(ASTSource(fn, _signature(fn), constexprs=constexprs),
+        k = triton.compile(ASTSource(fn, _signature(fn, types), constexprs=constexprs),
                            target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     m = _REPORT.search(log.getvalue())
     if m is None:
@@ -64,15 +88,27 @@ def compile_one(fn, constexprs: dict, num_warps: int, arch: int) -> dict:
             "shared": k.metadata.shared, "shared_limit": SMEM_LIMIT[arch]}
 
 
+def plan(archs: list[int], first_only: bool) -> list[tuple]:
+    """Every compile to run: (jit function, constexprs, num_warps, arch, argument types, row)."""
+    out = []
+    for kernel, extras, types in _cases():
+        fn, configs = _configs(kernel)
+        configs = configs[:1] if first_only else configs
+        for arch, (cfg, warps), extra in itertools.product(archs, configs, extras[:1] if first_only else extras):
+            row = {"kernel": fn.__name__, "arch": arch, **extra, **cfg, "num_warps": warps}
+            out.append((fn, {**extra, **cfg}, warps, arch, types, row))
+    return out
+
+
 def run(archs: list[int], first_only: bool):
-    for tuner, extras in _cases():
-        configs = tuner.configs[:1] if first_only else tuner.configs
-        for arch, cfg, extra in itertools.product(archs, configs, extras[:1] if first_only else extras):
-            t0 = time.perf_counter()
-            row = {"kernel": tuner.fn.__name__, "arch": arch, **extra, **cfg.kwargs, "num_warps": cfg.num_warps}
-            row.update(compile_one(tuner.fn, {**extra, **cfg.kwargs}, cfg.num_warps, arch))
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            print(json.dumps(row), flush=True)
+    todo = plan(archs, first_only)
+    # The first line says what is planned, so a caller can tell a dropped compile from a missing one.
+    print(json.dumps({"planned": len(todo), "kernels": sorted({r[-1]["kernel"] for r in todo})}), flush=True)
+    for fn, constexprs, warps, arch, types, row in todo:
+        t0 = time.perf_counter()
+        row = {**row, **compile_one(fn, constexprs, warps, arch, types)}
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(row), flush=True)
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# The kernels that must be in the report: the operators' modules declare them (`ptxas_cases`), so
+# a module that stopped declaring one, or failed to import, would otherwise shrink the check.
+EXISTING = ("_vandermonde_fwd_kernel", "_vandermonde_bwd_kernel", "_cauchy_fwd_kernel", "_cauchy_bwd_vw_kernel",
+            "_cauchy_bwd_z_kernel")
 
 
 def _compile_report(*args: str) -> list[dict]:
@@ -27,7 +31,13 @@ def _compile_report(*args: str) -> list[dict]:
     if res.returncode == 3:
         pytest.skip("this Triton version has a different ahead-of-time compile API")
     assert res.returncode == 0, res.stderr[-3000:]
-    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    planned, rows = lines[0], lines[1:]
+    # Every planned compile reported, and every kernel module of kernels/ took part.
+    assert len(rows) == planned["planned"], (len(rows), planned)
+    assert {r["kernel"] for r in rows} == set(planned["kernels"])
+    assert set(EXISTING) <= set(planned["kernels"]), sorted(set(EXISTING) - set(planned["kernels"]))
+    return rows
 
 
 def _problems(rows: list[dict]) -> list[str]:
@@ -53,13 +63,12 @@ def test_problem_detection():
 
 def test_first_configs_compile_for_sm90_without_spills():
     rows = _compile_report("--arch", "90", "--first")
-    assert {r["kernel"] for r in rows} == {"_vandermonde_fwd_kernel", "_vandermonde_bwd_kernel", "_cauchy_fwd_kernel",
-                                           "_cauchy_bwd_vw_kernel", "_cauchy_bwd_z_kernel"}
     assert not _problems(rows), "\n".join(_problems(rows))
 
 
 @pytest.mark.slow
 def test_every_kernel_and_config_compiles_for_sm80_and_sm90_without_spills():
     rows = _compile_report("--arch", "90", "80")
-    assert len(rows) == 112, len(rows)  # 2 archs x (Vandermonde 2 x 2 + 3 x 2, Cauchy (8 + 7 + 8) x 2)
+    # At least the Vandermonde and Cauchy compiles: 2 archs x (2 x 2 + 3 x 2, (8 + 7 + 8) x 2) = 112.
+    assert sum(r["kernel"] in EXISTING for r in rows) == 112
     assert not _problems(rows), "\n".join(_problems(rows))
