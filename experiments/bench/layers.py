@@ -4,11 +4,15 @@ input), time and peak memory.
 
 - `s4d`: `ssm.layers.s4.S4(H, N, mode="diag")`; `s4`: `S4(H, N, mode="dplr")` (docs/s4.md),
   each at its constructor defaults (causal, default init and discretization).
-- `attention`: `ssm.layers.attention.MultiHeadAttention` (SDPA, bidirectional), head dim 64.
+- `attention`: `ssm.layers.attention.MultiHeadAttention` (SDPA, causal), head dim 64.
 - `transformer`: `ssm.layers.attention.TransformerBlock(pos="rope")` (pre-norm, GELU MLP), head dim 64.
 - `mamba`, `mamba2` (`ssm.Mamba(H, N)`, `ssm.Mamba2(H, N, headdim=64)`) and their CPU peers
   `mamba-hf`, `mamba-hf-pscan`, `mamba-mambapy`, `mamba2-hf`: `experiments.bench.selective`
   (shapes, the peers' correctness check against ssmkit, and the selective layers' floor).
+SDPA: the attention rows call `F.scaled_dot_product_attention` without a mask (`is_causal`), so
+PyTorch picks its fastest kernel for the device and dtype (on the CPU the fused flash kernel; on
+CUDA flash under bf16, memory-efficient in float32); each row records the SDPA kernels its call
+ran (`sdpa`, from the profiler, one extra untimed call).
 Memory: on CUDA `max_memory_allocated` above the allocation before the call; on CPU the runner
 measures peak RSS growth in a fresh process per case (`experiments.bench.child`), over one call of
 the layer alone made after the timed calls.
@@ -128,6 +132,14 @@ def _forward(m: torch.nn.Module, x: torch.Tensor, amp: str) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out                                    # (B, L, H)
 
 
+def sdpa_kernels(call) -> list[str]:
+    """The scaled-dot-product-attention kernels (aten ops) one `call()` runs, from the profiler."""
+    from torch.profiler import profile
+    with profile() as prof:
+        call()
+    return sorted({e.name for e in prof.events() if "scaled_dot_product" in e.name and e.name != "aten::scaled_dot_product_attention"})
+
+
 def run_layer_case(case: dict, *, before_timing=None) -> dict:
     """Sanity-check, then time, one (layer, B, H, N, L, mode) case. Keys of `case`: layer, B, H,
     N, L, mode, device, repeats, budget_s, amp ("none" | "bf16": autocast around the layer).
@@ -169,6 +181,8 @@ def run_layer_case(case: dict, *, before_timing=None) -> dict:
         if not all(bool(torch.isfinite(t).all()) for t in outs):
             return {**res, "status": "FAILED", "reason": "non-finite output or gradient"}
         del out, outs
+        if layer in ("attention", "transformer"):
+            res["sdpa"] = sdpa_kernels(call)
     except torch.cuda.OutOfMemoryError:
         return {**res, "status": "OOM", "reason": "CUDA out of memory"}
     except Exception as e:
