@@ -36,8 +36,10 @@ def compile_step(model: nn.Module, *, backend: str = "fused") -> FusedStep:
     return FusedStep(model, backend=backend)
 
 
-def _s4_block_plan(block) -> dict:
-    """Everything a fused S4 block step needs, built once (no grad)."""
+def _s4_block_plan(block, *, real: bool = False) -> dict:
+    """Everything a fused S4 block step needs, built once (no grad). `real`: the diagonal state
+    update in real arithmetic (for inductor, which generates code for real tensors only and
+    calls back into ATen for every complex op)."""
     layer = block.layer
     system = layer.recurrence()
     c = system.C.shape[0]
@@ -45,21 +47,30 @@ def _s4_block_plan(block) -> dict:
     if system.kind == "dense":
         raise ValueError("compile_step: S4 layers set up with a dense step system are not supported")
     W = factor * torch.stack([system.C.real, -system.C.imag], dim=-1)   # (c, H, n, 2)
-    return dict(kind=system.kind, z=system.z, Bb=torch.view_as_real(system.Bb), E=system.E, F=system.F, c=c,
+    plan = dict(kind=system.kind, z=system.z, Bb=torch.view_as_real(system.Bb), E=system.E, F=system.F, c=c,
                 W=W.flatten(-2), D=layer.D.to(system.C.real.dtype), real=system.C.real.dtype)
+    if real and system.kind == "diag":
+        plan.update(kind="diag_real", z=torch.view_as_real(system.z).unbind(-1), Bb=plan["Bb"].unbind(-1))
+    return plan
 
 
 def _s4_layer_step(block, plan: dict, x_t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """The S4 layer's output for one position (B, H); `state` (B, H, n) advanced in place."""
     u = x_t.to(plan["real"])                                       # (B, H)
-    if plan["kind"] == "dplr":
-        Fx = (plan["F"] * state.unsqueeze(2)).sum(-1)             # (B, H, r)
-        corr = (Fx.unsqueeze(-1) * plan["E"]).sum(-2)             # (B, H, n)
-        state.mul_(plan["z"]).sub_(corr)
+    if plan["kind"] == "diag_real":
+        sr = torch.view_as_real(state)                             # (B, H, n, 2)
+        (zr, zi), (br, bi), (a, b) = plan["z"], plan["Bb"], sr.unbind(-1)
+        u1 = u.unsqueeze(-1)                                       # (B, H, 1)
+        sr.copy_(torch.stack([zr * a - zi * b + br * u1, zr * b + zi * a + bi * u1], dim=-1))
     else:
-        state.mul_(plan["z"])
-    sr = torch.view_as_real(state)                                 # (B, H, n, 2)
-    sr.addcmul_(plan["Bb"], u[..., None, None])                   # + Bb u, real input: no complex copy of u
+        if plan["kind"] == "dplr":
+            Fx = (plan["F"] * state.unsqueeze(2)).sum(-1)         # (B, H, r)
+            corr = (Fx.unsqueeze(-1) * plan["E"]).sum(-2)         # (B, H, n)
+            state.mul_(plan["z"]).sub_(corr)
+        else:
+            state.mul_(plan["z"])
+        sr = torch.view_as_real(state)                             # (B, H, n, 2)
+        sr.addcmul_(plan["Bb"], u[..., None, None])               # + Bb u, real input: no complex copy of u
     sr = sr.flatten(-2)                                           # (B, H, 2n)
     y = (sr.unsqueeze(1) * plan["W"]).sum(-1)                     # (B, c, H)
     y = torch.addcmul(y, plan["D"], u.unsqueeze(1))               # (B, c, H)
@@ -163,7 +174,8 @@ class FusedStep:
         with torch.no_grad():
             for block in model.blocks:
                 if isinstance(block, S4Block):
-                    self._layers.append((_s4_block_step, (block, _s4_block_plan(block))))
+                    plan = _s4_block_plan(block, real=backend == "inductor")
+                    self._layers.append((_s4_block_step, (block, plan)))
                 elif isinstance(block, SelectiveBlock) and isinstance(block.layer, (Mamba, Mamba2)):
                     mamba = isinstance(block.layer, Mamba)
                     fn, plan = (_mamba_step, _mamba_plan) if mamba else (_mamba2_step, _mamba2_plan)

@@ -98,8 +98,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                              "steps each), d_model 256, 4 layers, d_state 64, 4 heads, vocab 256; with --smoke: "
                              "positions 16 32, batch 1 2, 2 steps in 2 rounds, d_model 16, 2 layers, d_state 8")
     g.add_argument("--decode-layers", nargs="+", choices=DECODE_LAYERS, default=list(DECODE_LAYERS))
-    g.add_argument("--decode-step", choices=("fused", "eager"), default="fused",
-                   help="the timed step: ssm.decode.compile_step (fused, default) or model.step (eager)")
+    g.add_argument("--decode-step", choices=("fused", "inductor", "eager"), default="fused",
+                   help="the timed step: ssm.decode.compile_step (fused, default; inductor: the fused step "
+                        "under torch.compile, compiled before timing) or model.step (eager)")
     g.add_argument("--positions", type=int, nargs="+", help="context positions P (tokens already decoded)")
     g.add_argument("--batch", type=int, nargs="+", help="batch sizes")
     g.add_argument("--steps", type=int, help="timed decoding steps per case")

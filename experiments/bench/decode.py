@@ -65,11 +65,12 @@ def build_model(layer: str, cfg: dict, *, device: str) -> torch.nn.Module:
 
 
 def step_function(model, cfg: dict):
-    """The step that is timed: the fused step (default) or the eager `model.step`."""
+    """The step that is timed: the fused step (default), the fused step compiled by inductor
+    (compiled at its first call, during the correctness check), or the eager `model.step`."""
     if cfg.get("step", "fused") == "eager":
         return model.step
     from ssm.decode import compile_step
-    return compile_step(model)
+    return compile_step(model, backend="inductor" if cfg.get("step") == "inductor" else "fused")
 
 
 def kv_cache_bytes(cfg: dict, B: int, P: int) -> int:
