@@ -262,3 +262,17 @@ def test_bad_input_raises():
     for exc, match, call in cases:
         with pytest.raises(exc, match=match):
             call()
+
+
+def test_chunked_path_caps_its_chunk(monkeypatch):
+    # The chunked path runs chunks of at most MAX_CHUNK tokens whatever the caller asks (here 4
+    # instead of 16, with a ragged last chunk and a document boundary inside a chunk).
+    monkeypatch.setattr(reference, "MAX_CHUNK", 4)
+    t = make_inputs(1, 23, 2, 3, 1, 4)
+    seq_idx = torch.tensor([[0] * 10 + [1] * 13])
+    kw = dict(dt_softplus=True, seq_idx=seq_idx)
+    seen = []
+    real = reference._canonical
+    monkeypatch.setattr(reference, "_canonical", lambda *a: seen.append(a[-1]) or real(*a))
+    compare(run(chunked, t, chunk_size=16, **kw), run(sequential, t, **kw), "capped")
+    assert seen and set(seen) == {4}, seen
