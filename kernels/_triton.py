@@ -48,8 +48,13 @@ def why_not(*tensors: torch.Tensor) -> str | None:
     return f"unsupported device {device!r}"
 
 
-def choose_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """Resolve `backend` ("auto" | "triton" | "torch") to "triton" or "torch"."""
+def choose_backend(backend: str, *tensors: torch.Tensor, auto_interprets: bool = True) -> str:
+    """Resolve `backend` ("auto" | "triton" | "torch") to "triton" or "torch".
+
+    `auto_interprets=False`: "auto" takes the chunked path for CPU tensors even when the
+    interpreter is on (only an explicit "triton" runs it). The selective operators' kernels walk
+    the sequence token by token, which the interpreter runs at tens of milliseconds per token and
+    program: every model test would crawl, while their own tests ask for "triton" by name."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
@@ -59,6 +64,8 @@ def choose_backend(backend: str, *tensors: torch.Tensor) -> str:
         if reason is not None:
             raise RuntimeError(f"backend='triton' cannot run: {reason}")
         return "triton"
+    if reason is None and not auto_interprets and all(t.device.type == "cpu" for t in tensors):
+        return "torch"
     return "torch" if reason is not None else "triton"
 
 

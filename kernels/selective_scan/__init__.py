@@ -19,7 +19,6 @@ import torch
 
 from kernels._triton import choose_backend
 
-HAS_TRITON_KERNELS = False     # the Triton kernels are not written yet: "auto" takes the chunked path
 from kernels.selective_scan.op import selective_scan_op
 from kernels.selective_scan.reference import compute_dtype, resets_from_seq_idx, selective_scan_ref
 from kernels.selective_scan.state_update import selective_state_update
@@ -101,7 +100,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     (batch, G, N, L) with G groups dividing D (channel d uses group d // (D / G)); D, delta_bias:
     (D,); initial_state: (batch, D, N), zeros when None. Real tensors; computed in float32 (float64
     when any of u, delta, A, B, C is float64); y comes back in u's dtype, the last state in the
-    compute dtype. backend: "auto" | "triton" | "torch" (the chunked PyTorch path). Differentiable
+    compute dtype. backend: "auto" | "triton" | "torch" (the chunked PyTorch path); "auto" runs
+    Triton on CUDA tensors and the chunked path on CPU tensors, also under the Triton interpreter. Differentiable
     w.r.t. every tensor argument. seq_idx (batch, L) int: packed documents; the state restarts
     from zero before every token whose label differs from the previous one, initial_state feeds
     each row's first document and the last state is the last document's.
@@ -109,11 +109,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     _check_seq_idx(seq_idx, u.shape[0], u.shape[2], u.device)
     which = choose_backend(backend, *(t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
-                                      if t is not None))
-    if which == "triton" and not HAS_TRITON_KERNELS:
-        if backend == "triton":
-            raise RuntimeError("selective_scan: backend='triton' cannot run: this operator has no Triton kernels yet")
-        which = "torch"
+                                      if t is not None), auto_interprets=False)
     batch, dim, _ = u.shape
     N = A.shape[1]
     f = compute_dtype(u, delta, A, B, C)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # The kernels that must be in the report: the operators' modules declare them (`ptxas_cases`), so
 # a module that stopped declaring one, or failed to import, would otherwise shrink the check.
 EXISTING = ("_vandermonde_fwd_kernel", "_vandermonde_bwd_kernel", "_cauchy_fwd_kernel", "_cauchy_bwd_vw_kernel",
-            "_cauchy_bwd_z_kernel")
+            "_cauchy_bwd_z_kernel", "_selective_scan_fwd_kernel", "_selective_scan_bwd_kernel")
 
 
 def _compile_report(*args: str) -> list[dict]:
