@@ -31,6 +31,8 @@ class DataConfig:
     eval_batch_size: int | None = None  # None: same as batch_size
     pixel_input: str = "real"  # pixel tasks: "real" (value/255 as one input channel) | "tokens" (256-way embedding)
     num_workers: int = 0
+    pack: bool = False  # train on packed rows of whole examples with seq_idx (`experiments.lra.packing`)
+    pack_len: int | None = None  # tokens per packed row; None: the longest example (`sequence_length`)
 
 
 @dataclass
@@ -283,6 +285,9 @@ def _check_data(c: Checks) -> None:
     c.integer("data.eval_batch_size", 1, none_ok=True)
     c.choice("data.pixel_input")
     c.integer("data.num_workers", 0)
+    if not c.errors:  # the sequence length needs a valid max_len and resolution
+        from experiments.lra.packing import lra_pack_errors
+        c.errors += lra_pack_errors(c.cfg, sequence_length(c.cfg))
 
 
 def _check_ssm(c: Checks) -> None:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from experiments.lra import checkpoint as ckpt_io
 from experiments.lra.checkpoint import save
 from experiments.lra.data import collate
+from experiments.lra.packing import throughput
 from experiments.lra.trainer import ShardSampler, Trainer
 
 
@@ -112,7 +113,7 @@ def finish(tr: Trainer, stopped: bool) -> dict:
               "test_mean_len": test["mean_len"],
               "best_val_acc": s["best_val_acc"], "best_step": s["best_step"], "steps": s["step"],
               "epochs_done": s["epoch"], "train_seconds": s["seconds"], "completed": not stopped,
-              "n_params": sum(p.numel() for p in tr.model.parameters()), "config": cfg.to_dict()}
+              "n_params": sum(p.numel() for p in tr.model.parameters()), **throughput(s), "config": cfg.to_dict()}
     if rt.main:
         (tr.out / "result.json").write_text(json.dumps(result, indent=2))
         print(f"\n[{tr.tag}] TEST ACCURACY {cfg.task}/{cfg.model_name}: {100 * test['acc']:.2f}%  "

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from experiments.lra.checkpoint import save
 from experiments.lra.evaluate import validate
+from experiments.lra.packing import batch_tokens, logits_of, throughput
 from experiments.lra.trainer import Trainer
 
 
@@ -44,12 +45,15 @@ class Stopper:
 
 
 def train_step(tr: Trainer, x, lengths, y) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One optimizer step on a batch; returns (loss, logits, the lr of the first group for this step)."""
+    """One optimizer step on a batch; returns (loss, logits, the lr of the first group for this step).
+
+    `lengths`: the padded batch's (B,) lengths, or the `PackedBatch` of a packed one (logits then
+    come one per example, or per packed position, aligned with `y`)."""
     device, cfg = tr.rt.device, tr.cfg
     tr.ddp_model.train()
     x, lengths, y = x.to(device), lengths.to(device), y.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.rt.amp):
-        logits = tr.ddp_model(x, lengths)  # (B, n_classes)
+        logits = logits_of(tr.ddp_model, x, lengths)  # (B, n_classes): one row per example
     # Per-position logits (B, L, C) with targets (B, L) flatten like per-example ones; targets of
     # -100 (positions without a label) are ignored.
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -61,6 +65,15 @@ def train_step(tr: Trainer, x, lengths, y) -> tuple[torch.Tensor, torch.Tensor, 
     tr.optimizer.step()
     tr.scheduler.step()
     return loss, logits, lr
+
+
+def _count(tr: Trainer, x: torch.Tensor, lengths, seconds: float) -> None:
+    """Add a step's real tokens, computed positions and step time to the run's counters."""
+    s = tr.state
+    real, slots = batch_tokens(x, lengths)
+    s["tokens"] += real
+    s["slots"] += slots
+    s["step_seconds"] += seconds
 
 
 def _after_step(tr: Trainer, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, lr: float) -> None:
@@ -78,8 +91,10 @@ def _after_step(tr: Trainer, loss: torch.Tensor, logits: torch.Tensor, y: torch.
         y = y.to(logits.device)
         labelled = y != -100
         acc = float((logits.argmax(-1) == y)[labelled].float().mean())
+        rate = throughput(s)
         tr.log(split="train", step=s["step"], epoch=s["epoch"], loss=loss.item(), acc=acc,
-               lr=lr, seconds=s["seconds"])
+               lr=lr, seconds=s["seconds"], tokens=rate["train_tokens"], tokens_per_s=rate["tokens_per_s"],
+               pad_frac=rate["pad_frac"])
     if cfg.train.eval_every and s["step"] % cfg.train.eval_every == 0:
         validate(tr)
     every = getattr(cfg.train, "checkpoint_every", None)
@@ -97,14 +112,18 @@ def train_epoch(tr: Trainer, should_stop: Stopper) -> bool:
     bar = tqdm(total=tr.steps_per_epoch, initial=s["batch_in_epoch"], dynamic_ncols=True,
                desc=f"epoch {s['epoch'] + 1}/{cfg.train.epochs}", disable=not (cfg.train.progress and tr.rt.main))
     tr.tick, tr.cpu_tick = time.perf_counter(), time.process_time()
+    begun = tr.tick  # a step's time: from asking for its batch to the end of its update
     try:
         for x, lengths, y in tr.train_loader:
             loss, logits, lr = train_step(tr, x, lengths, y)
+            value = loss.item()  # waits for the step (CUDA runs asynchronously)
+            _count(tr, x, lengths, time.perf_counter() - begun)
             _after_step(tr, loss, logits, y, lr)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{value:.3f}")
             if should_stop():
                 return True
+            begun = time.perf_counter()
         return False
     finally:
         bar.close()

@@ -86,7 +86,8 @@ def make_head(cfg: Config, d_in: int, n_classes: int, device=None, dtype=None) -
 
 
 class LRAClassifier(nn.Module):
-    """Single-sequence classifier: `forward(x (B, L) long, lengths (B,)) -> logits (B, n_classes)`."""
+    """Single-sequence classifier: `forward(x (B, L) long, lengths (B,)) -> logits (B, n_classes)`;
+    `forward(x, seq_idx=...)` for packed rows."""
 
     def __init__(self, cfg: Config, *, n_classes: int, vocab_size: int, max_len: int, device=None, dtype=None):
         super().__init__()
@@ -102,8 +103,10 @@ class LRAClassifier(nn.Module):
             return (x.float() / 255.0).unsqueeze(-1)  # (B, L, 1)
         return x
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        out, _ = self.backbone(self._inputs(x), lengths=lengths)  # (B, n_classes)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None, *,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed rows (`seq_idx` (R, W), `experiments.lra.packing`) give one row of logits per document."""
+        out, _ = self.backbone(self._inputs(x), lengths=lengths, seq_idx=seq_idx)  # (B or n_docs, n_classes)
         return out
 
 

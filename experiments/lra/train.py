@@ -7,7 +7,9 @@ work the config is validated, the data is checked (no empty split, a full batch 
 examples, truncation reported) and one step's peak memory is estimated; a run that will not fit is
 refused (`--force` starts it anyway). Only then is the run folder created.
 
-Metrics stream to `RUN_DIR/metrics.jsonl`; `RUN_DIR/last.pt` is written atomically at every epoch
+Metrics stream to `RUN_DIR/metrics.jsonl` (train records with real tokens per second and the
+padding fraction); `--data.pack=true` trains on packed rows of whole examples
+(`experiments.lra.packing`, docs/packing.md). `RUN_DIR/last.pt` is written atomically at every epoch
 end, every `train.checkpoint_every` steps, at `--max-steps` and on SIGINT/SIGTERM, and `--resume`
 continues from it exactly (model, optimizer, scheduler, RNG states and the position inside the
 epoch's shuffled order; see `experiments.lra.checkpoint` for what is checked). The
@@ -43,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train S4 / S4D / Transformer on a Long Range Arena task.",
         epilog="Any config field can be overridden as --section.field=value (sections: data, model, optim, "
                "train), nested layer settings as --model.ssm.d_state=64 or --model.block.norm=batch, e.g. "
-               "--optim.lr=3e-3. --print-config shows all fields.")
+               "--optim.lr=3e-3. --data.pack=true trains on rows of whole examples laid end to end (packed, with "
+               "--data.pack_len tokens a row; docs/packing.md). --print-config shows all fields.")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--model", required=True, choices=MODELS)
     p.add_argument("--data-dir", required=True, type=Path, help="root of the LRA data (release layout)")

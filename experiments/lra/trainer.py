@@ -86,7 +86,7 @@ class Trainer:
     total_steps: int
     state: dict = field(default_factory=lambda: {
         "step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_acc": -1.0, "best_step": -1, "val_step": -1,
-        "seconds": 0.0})
+        "seconds": 0.0, "tokens": 0, "slots": 0, "step_seconds": 0.0})
     tick: float = 0.0  # perf_counter at the last time accounted in state["seconds"]
     cpu_tick: float = 0.0  # process_time at the same moment, for state["cpu_seconds"]
     collate: Callable | None = None  # batches of evaluation splits (None: LRA's right-padding collate)
@@ -195,7 +195,8 @@ def build(cfg: Config, rt: Runtime, splits: dict, out: Path) -> Trainer:
     # A private generator: building a DataLoader iterator must not draw from the global RNG, or a
     # resumed run's dropout masks would drift from the uninterrupted run's.
     train_loader = DataLoader(splits["train"], batch_size=cfg.data.batch_size, sampler=sampler,
-                              collate_fn=functools.partial(collate, pad_id=0), num_workers=cfg.data.num_workers,
+                              collate_fn=train_collate(cfg, functools.partial(collate, pad_id=0), sequence_length(cfg)),
+                              num_workers=cfg.data.num_workers,
                               generator=torch.Generator().manual_seed(cfg.train.seed))
     steps_per_epoch = math.ceil(sampler.num_samples / cfg.data.batch_size)
     total = max(cfg.train.epochs * steps_per_epoch, 1)
@@ -205,16 +206,31 @@ def build(cfg: Config, rt: Runtime, splits: dict, out: Path) -> Trainer:
 
 
 
+def train_collate(cfg, padded: Callable, longest: int) -> Callable:
+    """The training batches' collate: `padded`, or packed rows (`experiments.lra.packing`) with
+    `data.pack` (rows of `data.pack_len` tokens, or of `longest`, the longest example)."""
+    if not getattr(cfg.data, "pack", False):
+        return padded
+    from experiments.lra.packing import pack_collate
+
+    return functools.partial(pack_collate, pack_len=cfg.data.pack_len or longest, pad_id=0)
+
+
 def check_memory(tr: Trainer, *, force: bool) -> None:
     """Estimate one step's peak memory; raise MemoryError (naming a batch size that fits) unless `force`.
 
-    See `experiments.lra.memory` for how the estimate is made.
+    See `experiments.lra.memory` for how the estimate is made. Packed rows no longer than the
+    longest example cost at most the padded batch; rows of `data.pack_len` are priced at that length
+    and the most rows a batch can fill (`packing.max_rows`; a batch size named is then in rows).
     """
     from experiments.lra import memory
 
     # The longest sequence a batch can hold: the data's, within the configured length.
     n = min([sequence_length(tr.cfg)] + [getattr(ds, "longest", math.inf) for ds in tr.splits.values()])
-    shape, rt = ((2, n) if tr.task.two_tower else (n,)), tr.rt
+    shape, rt, batch = ((2, n) if tr.task.two_tower else (n,)), tr.rt, tr.cfg.data.batch_size
+    if tr.cfg.data.pack and tr.cfg.data.pack_len:  # longer rows, fewer of them
+        from experiments.lra.packing import max_rows
+        shape, batch = (tr.cfg.data.pack_len,), max_rows(batch, n, tr.cfg.data.pack_len)
     kwargs = dict(device=rt.device, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
                   if rt.device.type == "cpu" else 1)
     try:
@@ -223,11 +239,11 @@ def check_memory(tr: Trainer, *, force: bool) -> None:
         tr.say(f"memory estimate unavailable ({type(e).__name__}: {e}); starting without it")
         return
     if rt.device.type == "cuda":  # real steps are measured only when the tensor bytes say they fit
-        line = memory.check_fits(est, batch=max(tr.cfg.data.batch_size, 2), force=force, **kwargs)
+        line = memory.check_fits(est, batch=max(batch, 2), force=force, **kwargs)
         if "--force" not in line:
             est = memory.larger(est, memory.measured_estimate(tr.model, seq_shape=shape, device=rt.device,
                                                               amp=rt.amp))
-    tr.say(memory.check_fits(est, batch=tr.cfg.data.batch_size, force=force, **kwargs))
+    tr.say(memory.check_fits(est, batch=batch, force=force, **kwargs))
 
 
 def start(tr: Trainer, ckpt: dict | None) -> None:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from experiments.lra.models import make_optimizer
 from experiments.lra.schedules import lr_multiplier
-from experiments.lra.trainer import ResumableSampler, Runtime, ShardSampler, Trainer
+from experiments.lra.trainer import ResumableSampler, Runtime, ShardSampler, Trainer, train_collate
 from experiments.synthetic.config import Config, eval_factors, layer_config
 from experiments.synthetic.data import SyntheticDataset
 
@@ -39,9 +39,11 @@ class TokenModel(nn.Module):
             # A DPLR layer's learned C belongs to one length: the training length.
             self.backbone.set_l_max(t.seq_len)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        # Every synthetic sequence fills its row: `lengths` (all L) is not passed on.
-        out, _ = self.backbone(x)                                      # (B, L, n_classes)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None, *,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        # Every synthetic sequence fills its row: `lengths` (all L) is not passed on. Packed rows
+        # (`experiments.lra.packing`) pass `seq_idx`.
+        out, _ = self.backbone(x, seq_idx=seq_idx)                     # (B, L, n_classes)
         return out
 
     def default_state(self, batch_size: int, device=None):
@@ -71,7 +73,8 @@ def build(cfg: Config, rt: Runtime, out: Path) -> Trainer:
         raise ValueError(f"--data.n_train={cfg.data.n_train} is fewer than one batch "
                          f"(--data.batch_size={cfg.data.batch_size})")
     sampler = ResumableSampler(data["train"], num_replicas=1, rank=0, seed=cfg.train.seed)
-    loader = DataLoader(data["train"], batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate,
+    loader = DataLoader(data["train"], batch_size=cfg.data.batch_size, sampler=sampler,
+                        collate_fn=train_collate(cfg, collate, cfg.task_config.seq_len),
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed))
     steps_per_epoch = math.ceil(sampler.num_samples / cfg.data.batch_size)
     total = max(cfg.train.epochs * steps_per_epoch, 1)

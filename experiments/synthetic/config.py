@@ -4,7 +4,8 @@ Sections (overridable as `--section.field=value`):
 
 - `task`: the task's own knobs, the fields of its frozen config (`MQARConfig`, ...; `data.TASKS`),
   e.g. `--task.num_kv_pairs=8 --task.seq_len=128`.
-- `data`: batch sizes, how many samples each split holds, the test lengths.
+- `data`: batch sizes, how many samples each split holds, the test lengths, packing (`pack`,
+  `pack_len`: training rows of several whole samples, `experiments.lra.packing`).
 - `model`: width, depth and one nested config per layer family (`--model.ssm.d_state=32` for
   s4d/s4, `--model.mamba.d_state=8`, `--model.mamba2.headdim=16`, `--model.attention.n_heads=2`).
 - `optim`, `train`: the LRA trainer's sections (`experiments.lra.config.OptimConfig` and
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from experiments.lra.config import OptimConfig, TrainConfig
 from experiments.lra.config import check_optim, check_train, Checks  # the LRA checks of these sections
 from experiments.lra.overrides import field_type, parse_value
+from experiments.lra.packing import pack_errors
 from experiments.synthetic.data import TASKS
 from ssm.config import AttentionConfig, Mamba2Config, MambaConfig, S4Config
 
@@ -57,6 +59,8 @@ class DataConfig:
     # Test again at these multiples of task.seq_len (comma separated; "1": the training length only).
     eval_lengths: str = "1"
     num_workers: int = 0
+    pack: bool = False  # train on packed rows of whole samples with seq_idx (`experiments.lra.packing`)
+    pack_len: int | None = None  # tokens per packed row; None: task.seq_len (one sample a row)
 
 
 @dataclass
@@ -217,6 +221,7 @@ def validate(cfg: Config) -> Config:
     check_optim(c)
     check_train(c)
     errors += c.errors
+    errors += pack_errors(cfg.data.pack, cfg.data.pack_len, getattr(cfg.task_config, "seq_len", 1))
     try:
         eval_factors(cfg)
     except ValueError as e:

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                "e.g. --task.num_kv_pairs=8 --task.seq_len=128), data (batch_size, n_train, n_val, n_test, "
                "eval_lengths='1,2,4'), model (d_model, n_layers and the layer configs: --model.ssm.d_state=32 for "
                "s4d/s4, --model.mamba.d_state, --model.mamba2.headdim, --model.attention.n_heads), optim (lr, ...), "
-               "train (epochs, eval_every, checkpoint_every, threads, ...). --print-config shows all fields. "
+               "train (epochs, eval_every, checkpoint_every, threads, ...). --data.pack=true trains on rows of several "
+               "whole samples laid end to end (packed, --data.pack_len tokens a row; docs/packing.md). "
+               "--print-config shows all fields. "
                "A grid of runs: python -m experiments.synthetic.sweep.")
     p.add_argument("--task", required=True, choices=tuple(TASKS))
     p.add_argument("--model", required=True, choices=MODELS)
