@@ -3,8 +3,8 @@
     S_t[h] = exp(dt_t[h] A_h) S_{t-1}[h] + dt_t[h] x_t[h] B_t[g(h)]^T,   y_t[h] = S_t[h] C_t[g(h)] + D_h x_t[h]
 
 then `y *= silu(z)` when z is given. `ssd` validates, transforms dt (bias, softplus, clamp), turns
-`seq_idx` into reset counters, runs the `ssmkit::ssd` custom op (`op.py`: the chunked path of
-`reference.py`; there are no Triton kernels yet) and applies the D skip and the z gate with
+`seq_idx` into reset counters, runs the `ssmkit::ssd` custom op (`op.py`: the Triton kernels of
+`triton_ssd.py` or the chunked path of `reference.py`) and applies the D skip and the z gate with
 plain torch ops, so `torch.compile(fullgraph=True)` traces it.
 """
 from __future__ import annotations
@@ -17,8 +17,7 @@ from kernels.ssd.reference import effective_dt, segment_ids, skip_and_gate, ssd_
 
 __all__ = ["ssd", "mamba_chunk_scan_combined", "ssd_ref"]
 
-# This operator has no Triton kernels yet: "auto" runs the chunked path, "triton" raises.
-HAS_TRITON_KERNELS = False
+HAS_TRITON_KERNELS = True
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -84,11 +83,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
     floating input. cu_seqlens is accepted for signature compatibility and must be None.
     """
     _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_limit)
-    which = choose_backend(backend, x, dt, A, B, C)
-    if which == "triton" and not HAS_TRITON_KERNELS:
-        if backend == "triton":
-            raise RuntimeError("ssd: backend='triton' cannot run: this operator has no Triton kernels yet")
-        which = "torch"
+    which = choose_backend(backend, x, dt, A, B, C, auto_interprets=False)
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     step = effective_dt(dt.to(ct), None if dt_bias is None else dt_bias.to(ct), dt_softplus, dt_limit)
     doc = None if seq_idx is None else segment_ids(seq_idx)
@@ -98,8 +93,8 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states
     L = x.shape[1]
     if not isinstance(L, torch.SymInt) and L < chunk_size:
         chunk_size = 1 << max(L - 1, 0).bit_length()
-    y, final = ssd_op(x.to(ct).contiguous(), step.contiguous(), A.to(ct).contiguous(), B.to(ct).contiguous(),
-                      C.to(ct).contiguous(), init, doc, chunk_size, which)
+    y, final, _ = ssd_op(x.to(ct).contiguous(), step.contiguous(), A.to(ct).contiguous(), B.to(ct).contiguous(),
+                         C.to(ct).contiguous(), init, doc, chunk_size, which)
     y = skip_and_gate(y, x.to(ct), None if D is None else D.to(ct), None if z is None else z.to(ct)).to(x.dtype)
     return (y, final) if return_final_states else y
 

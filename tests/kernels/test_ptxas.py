@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # The kernels that must be in the report: the operators' modules declare them (`ptxas_cases`), so
 # a module that stopped declaring one, or failed to import, would otherwise shrink the check.
 EXISTING = ("_vandermonde_fwd_kernel", "_vandermonde_bwd_kernel", "_cauchy_fwd_kernel", "_cauchy_bwd_vw_kernel",
-            "_cauchy_bwd_z_kernel", "_selective_scan_fwd_kernel", "_selective_scan_bwd_kernel")
+            "_cauchy_bwd_z_kernel", "_selective_scan_fwd_kernel", "_selective_scan_bwd_kernel",
+            "_scan_fwd_kernel", "_scan_bwd_state_kernel", "_scan_bwd_chunk_kernel")
 
 
 def _compile_report(*args: str) -> list[dict]:
@@ -70,5 +71,5 @@ def test_first_configs_compile_for_sm90_without_spills():
 def test_every_kernel_and_config_compiles_for_sm80_and_sm90_without_spills():
     rows = _compile_report("--arch", "90", "80")
     # At least the Vandermonde and Cauchy compiles: 2 archs x (2 x 2 + 3 x 2, (8 + 7 + 8) x 2) = 112.
-    assert sum(r["kernel"] in EXISTING for r in rows) == 112
+    assert sum(r["kernel"].startswith(("_vandermonde", "_cauchy")) for r in rows) == 112
     assert not _problems(rows), "\n".join(_problems(rows))
