@@ -2,14 +2,22 @@
 
 `mamba3_scan` validates its arguments, picks SISO (B, C of shape (b, L, G, N)) or MIMO (rank r:
 (b, L, r, G, N), with the up/down projections `mimo_x`, `mimo_z`, `mimo_o`) and runs the chunked
-PyTorch path (plain torch ops, so `torch.compile(fullgraph=True)` traces it). There are no Triton kernels yet: `backend="auto"` runs the chunked path and
-`backend="triton"` raises.
+form of `reference.py` / `mimo.py`: the rotations and trapezoid weights as plain torch ops, the
+scan core as the custom op `ssmkit::mamba3_scan_core` (`op.py`, with its own backward op), so
+`torch.compile(fullgraph=True)` traces a model using it, forward and backward. The op's backends:
+"triton", the generic Triton scan core of `kernels/ssd/triton_ssd.py` (rank r > 1 folded into it
+as 2r tokens per step), and "torch", the chunked PyTorch path of `op.py`. `backend="auto"` picks
+Triton for CUDA tensors and the chunked path for CPU tensors, also under the Triton interpreter
+(`auto_interprets=False` in `kernels/_triton.py`: only an explicit "triton" interprets).
 
-The rest of the package, all plain PyTorch: `reference.py` (SISO: `mamba3_ref`, the float64
+The rest of the package: `op.py` (the custom ops and their chunked PyTorch backend, forward and
+explicit backward) and, all plain PyTorch, `reference.py` (SISO: `mamba3_ref`, the float64
 ground truth; `mamba3_step` for decoding; `mamba3_chunked`; `Mamba3State`, `default_state`) and
 `mimo.py` (the same three for rank r, and `default_state_mimo`).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -20,6 +28,7 @@ from kernels.mamba3.mimo import (
     mamba3_mimo_ref,
     mamba3_mimo_step,
 )
+from kernels.mamba3.op import scan_core
 from kernels.mamba3.reference import (
     Mamba3State,
     chunked_scan,
@@ -91,6 +100,8 @@ def mamba3_scan(x, dt, A, B, C, lam, theta, *, D=None, z=None, B_bias=None, C_bi
     Computed in float32 (float64 for float64 x); y is returned in x's dtype and, with
     `return_final_state`, also the `Mamba3State` after the last token (for `mamba3_step` /
     `mamba3_mimo_step` or a next call). Differentiable in every floating input.
+    backend: "auto" (Triton for CUDA tensors, else the chunked PyTorch path), "triton" or "torch"
+    (`kernels/_triton.py`); the result does not depend on it, nor on chunk_size (up to rounding).
     """
     named = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "lam": lam, "theta": theta, "D": D, "z": z,
              "B_bias": B_bias, "C_bias": C_bias, "mimo_x": mimo_x, "mimo_z": mimo_z, "mimo_o": mimo_o}
@@ -100,21 +111,20 @@ def mamba3_scan(x, dt, A, B, C, lam, theta, *, D=None, z=None, B_bias=None, C_bi
                                 or seq_idx.is_floating_point() or seq_idx.is_complex()):
         raise ValueError(f"mamba3_scan: seq_idx must be an integer tensor of shape (b, L) = {tuple(x.shape[:2])}, "
                          f"got {getattr(seq_idx, 'shape', type(seq_idx).__name__)}")
-    if backend == "triton":
-        raise RuntimeError("mamba3_scan: backend='triton' cannot run: this operator has no Triton kernels yet")
-    choose_backend(backend, x)  # validates the name; "auto" resolves to the chunked path (no kernels)
+    which = choose_backend(backend, *(t for t in named.values() if t is not None), auto_interprets=False)
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     args = {k: None if v is None else v.to(ct) for k, v in named.items()}
     init = None if initial_state is None else Mamba3State(*(s.to(ct) for s in initial_state))
     mimo = B.dim() == 5
     half = mimo if half is None else half
+    core = functools.partial(scan_core, backend=which)
     if mimo:
         y, final = mamba3_mimo_chunked(**args, initial_state=init, chunk_size=chunk_size,
-                                       seq_idx=seq_idx, half=half)
+                                       seq_idx=seq_idx, half=half, core=core)
     else:
         if half:
             raise ValueError("mamba3_scan: half=True (half-split rotation pairs) is implemented for MIMO only")
         y, final = mamba3_chunked(**{k: v for k, v in args.items() if not k.startswith("mimo")},
-                                  initial_state=init, chunk_size=chunk_size, seq_idx=seq_idx)
+                                  initial_state=init, chunk_size=chunk_size, seq_idx=seq_idx, core=core)
     y = y.to(x.dtype)
     return (y, final) if return_final_state else y

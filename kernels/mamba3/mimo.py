@@ -130,9 +130,10 @@ def mamba3_mimo_ref(x, dt, A, B, C, lam, theta, mimo_x, mimo_z=None, mimo_o=None
 
 def mamba3_mimo_chunked(x, dt, A, B, C, lam, theta, mimo_x, mimo_z=None, mimo_o=None, D=None, z=None,
                         B_bias=None, C_bias=None, initial_state: Mamba3State | None = None,
-                        chunk_size: int = 64, seq_idx=None, *, half: bool = True):
+                        chunk_size: int = 64, seq_idx=None, *, half: bool = True, core=chunked_scan):
     """`mamba3_mimo_ref` without a loop over time: the SISO chunked form (`mamba3_chunked`) with a
-    rank-r update, `chunked_scan` summing the r copies of each token."""
+    rank-r update, `core` (`chunked_scan` or the custom op, as in `mamba3_chunked`) summing the r
+    copies of each token."""
     check_mimo(x, dt, A, B, C, lam, theta, mimo_x, mimo_z, mimo_o, z, B_bias, C_bias, initial_state, half)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -151,7 +152,7 @@ def mamba3_mimo_chunked(x, dt, A, B, C, lam, theta, mimo_x, mimo_z=None, mimo_o=
     w = lam * dt + next_old_end  # (b, L, H)
     prev = torch.einsum("bhrp,bhrn->bhpn", mimo_x * st.x_prev[:, :, None], st.B_prev)  # (b, H, P, N)
     S0 = st.ssm + old_end[:, 0, :, None, None] * prev  # (b, H, P, N)
-    y, S = chunked_scan(w[..., None, None] * v, dt * A, Bt, Ct, S0, chunk_size, seq_idx)  # (b, L, H, r, P)
+    y, S = core(w[..., None, None] * v, dt * A, Bt, Ct, S0, chunk_size, seq_idx)  # (b, L, H, r, P)
     pending = torch.einsum("blhkn,blhmn,blhmp->blhkp", Ct, Bt, v)  # (b, L, H, r, P)
     y = y - next_old_end[..., None, None] * pending
     return _outputs(y, v, D, z, mimo_z, mimo_o), Mamba3State(phi[:, -1], S, Bt[:, -1], x[:, -1])

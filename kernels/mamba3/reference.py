@@ -234,7 +234,8 @@ def chunked_scan(u, logdecay, Bt, Ct, S0, chunk_size: int, doc=None):
 
 
 def mamba3_chunked(x, dt, A, B, C, lam, theta, D=None, z=None, B_bias=None, C_bias=None,
-                   initial_state: Mamba3State | None = None, chunk_size: int = 64, seq_idx=None):
+                   initial_state: Mamba3State | None = None, chunk_size: int = 64, seq_idx=None, *,
+                   core=chunked_scan):
     """`mamba3_ref` without a loop over time (docs/mamba3.md, "Chunked form").
 
     Token s enters the state with weight `w_s = lam_s dt_s + (1 - lam_{s+1}) dt_{s+1}` (its own
@@ -244,6 +245,8 @@ def mamba3_chunked(x, dt, A, B, C, lam, theta, D=None, z=None, B_bias=None, C_bi
     initial state enters as `(1 - lam_0) dt_0 x_prev Bt_prev^T`. With `seq_idx` the first token
     of each later document has no previous token (its old-end weight is 0), its angle restarts
     and `chunked_scan` cuts the decays at the boundary.
+    `core`: the function that runs the scan core, `chunked_scan` (autograd through plain torch ops)
+    or one with its signature (`mamba3_scan` passes the custom op, `op.scan_core`).
     """
     _check(x, dt, A, B, C, lam, theta, z, initial_state)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -261,6 +264,6 @@ def mamba3_chunked(x, dt, A, B, C, lam, theta, D=None, z=None, B_bias=None, C_bi
     next_old_end = torch.cat([old_end[:, 1:], old_end.new_zeros(b, 1, H)], dim=1)  # (b, L, H)
     w = lam * dt + next_old_end  # (b, L, H)
     S0 = st.ssm + old_end[:, 0, :, None, None] * st.x_prev[..., None] * st.B_prev[..., None, :]  # (b, H, P, N)
-    y, S = chunked_scan(w[..., None] * x, dt * A, Bt, Ct, S0, chunk_size, seq_idx)  # (b, L, H, P)
+    y, S = core(w[..., None] * x, dt * A, Bt, Ct, S0, chunk_size, seq_idx)  # (b, L, H, P)
     y = y - (next_old_end * (Ct * Bt).sum(-1))[..., None] * x  # (b, L, H, P)
     return _skip_and_gate(y, x, D, z), Mamba3State(phi[:, -1], S, Bt[:, -1], x[:, -1])
