@@ -354,3 +354,42 @@ def cross_document_response(u: torch.Tensor, seq_idx: torch.Tensor, advance, res
             out = u.new_zeros(Bsz, r.shape[1], H, L)
         out = out.scatter_add(-1, idx[:, None, None, :].expand_as(r), r.to(u.dtype))
     return out if out is not None else u.new_zeros(Bsz, 1, H, L)
+
+
+# Per-document convolution is used when the documents, padded to the longest one, hold at most
+# this many times the row's positions (read at call time; tests set it to 0 or inf to pick a
+# path). Measured on the CPU (S4D, H = 64, N = 64, 32 documents of 500-2,000 tokens in 21 rows of
+# 2,000, fwd+bwd): documents 0.43 s, row + cross-document correction 1.29 s, padded batch 0.39 s;
+# there the documents with the rows' filler hold 2.5x the row's positions.
+DOCUMENT_BATCH_WASTE = 4.0
+
+
+def document_fftconv(u: torch.Tensor, seq_idx: torch.Tensor, k: torch.Tensor, k_rev: torch.Tensor | None,
+                     d: torch.Tensor | None, *, save_spectrum: bool = True) -> torch.Tensor | None:
+    """`fftconv` of every document of the packed rows u (B, H, L) on its own, from a zero state:
+    (B, c, H, L), or None when padding the documents to the longest one would cost more than
+    `DOCUMENT_BATCH_WASTE` times the row's positions (then convolve the row and subtract
+    `cross_document_response`).
+
+    The documents become one right-padded batch (n_docs, H, T), T the longest document, convolved
+    with the first T lags of the filters (exact: the filters are causal, and the anti-causal part
+    only reads later inputs, which are zero past the document's end), and go back to their
+    positions. Cost: FFTs of length ~2T instead of ~2L, no loop over documents.
+    """
+    Bsz, H, L = u.shape
+    starts, lengths = document_spans(seq_idx)                          # (B, K) each
+    real_doc = lengths > 0                                             # (B, K)
+    row = torch.arange(Bsz, device=u.device)[:, None].expand_as(starts)[real_doc]   # (n,)
+    start, length = starts[real_doc], lengths[real_doc]                # (n,) each
+    T = int(length.max())
+    if length.numel() * T > DOCUMENT_BATCH_WASTE * Bsz * L:
+        return None
+    idx, real = _span_index(start, length, T, L)                       # (n, T) each
+    seg = u.transpose(1, 2)[row[:, None], idx]                         # (n, T, H)
+    seg = (seg * real[..., None].to(u.dtype)).transpose(1, 2)          # (n, H, T)
+    k_rev = None if k_rev is None else k_rev[..., :T]
+    y = fftconv(seg.unsqueeze(1), k[..., :T], k_rev, d, save_spectrum=save_spectrum)   # (n, c, H, T)
+    c = y.shape[1]
+    flat = (row[:, None] * L + idx)[real]                              # (m,) positions of real tokens
+    out = y.new_zeros(Bsz * L, c, H).index_put((flat,), y.permute(0, 3, 1, 2)[real])   # (B*L, c, H)
+    return out.view(Bsz, L, c, H).permute(0, 2, 3, 1)                  # (B, c, H, L)

@@ -11,9 +11,11 @@ never branches on the mode after construction. Settings and defaults: `ssm.confi
 The SSM part (filter, FFT conv, D skip, state) runs in float32/complex64 with autocast off, or in
 float64/complex128 after `.double()`; only the output projection follows autocast.
 
-Packed documents (`seq_idx`, docs/packing.md): the whole row is convolved at once and the part
-that crosses document boundaries (in both directions when bidirectional) is subtracted exactly,
-from the state at each boundary (`ssm.fftconv.cross_document_response`).
+Packed documents (`seq_idx`, docs/packing.md): the documents are convolved as one right-padded
+batch of their own (`ssm.fftconv.document_fftconv`), unless padding them to the longest one would
+waste too much; then the whole row is convolved at once and the part that crosses document
+boundaries (in both directions when bidirectional) is subtracted exactly, from the state at each
+boundary (`ssm.fftconv.cross_document_response`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from torch import nn
 
 from ssm import filters, hippo
 from ssm.config import S4Config, build, keyword_signature
-from ssm.fftconv import cross_document_response, fftconv, no_autocast
+from ssm.fftconv import cross_document_response, document_fftconv, fftconv, no_autocast
 from ssm.layers.nn import (ConfigAttributes, SequenceDropout, activation, check_finite, check_lengths, keyword_only,
                           length_mask)
 from ssm.layers.s4_init import DPLR_INITS, min_rank
@@ -230,9 +232,12 @@ class S4(ConfigAttributes, nn.Module):
             K = ssm.filter(L, rate)                                    # (c', H, L)
             k, k_rev = (K[:c], K[c:]) if self.config.bidirectional else (K, None)
             # the D skip rides in the same FFT (lag 0 of the filter)
-            y = fftconv(u.unsqueeze(1), k, k_rev, self.D, save_spectrum=self.save_spectrum)  # (B, c, H, L)
-            if seq_idx is not None:
-                y = y - self._cross_documents(u, seq_idx, rate).to(y.dtype)
+            y = None if seq_idx is None else document_fftconv(u, seq_idx, k, k_rev, self.D,
+                                                              save_spectrum=self.save_spectrum)
+            if y is None:
+                y = fftconv(u.unsqueeze(1), k, k_rev, self.D, save_spectrum=self.save_spectrum)  # (B, c, H, L)
+                if seq_idx is not None:
+                    y = y - self._cross_documents(u, seq_idx, rate).to(y.dtype)
             if state is not None:
                 y = y + self._from_state(state, L, rate, seq_idx).to(y.dtype)
                 if seq_idx is not None:                                # the last document's own state

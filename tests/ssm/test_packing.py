@@ -5,11 +5,13 @@ training on packed batches follows the same loss curve as training on padded one
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
 import torch
 
+import ssm.fftconv as fftconv_module
 from ssm.config import BlockConfig
 from ssm.layers.block import S4Block, SelectiveBlock
 from ssm.layers.mamba import Mamba
@@ -120,8 +122,12 @@ S4_CASES = {
 DPLR_TOL = dict(rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("path", ["documents", "row"])
 @pytest.mark.parametrize("case", list(S4_CASES))
-def test_s4_packed_equals_separate_runs(case):
+def test_s4_packed_equals_separate_runs(case, path, monkeypatch):
+    # Both convolution paths: the documents as a batch of their own, and the whole row with the
+    # cross-document part subtracted.
+    monkeypatch.setattr(fftconv_module, "DOCUMENT_BATCH_WASTE", math.inf if path == "documents" else 0.0)
     layer = _s4(**S4_CASES[case])
     x = torch.randn(2, 20, H, dtype=torch.float64)
     state = None if layer.config.bidirectional else torch.randn_like(layer.default_state(2))
