@@ -40,12 +40,12 @@ KERNEL_MODULES = ("kernels.vandermonde.triton_vandermonde", "kernels.cauchy.trit
                   "kernels.mamba3.triton_mamba3")
 
 
-def _cases():
-    """(kernel, launcher constexprs, argument types) of every module in KERNEL_MODULES."""
+def _cases(modules=KERNEL_MODULES):
+    """(kernel, launcher constexprs, argument types) of every module in `modules`."""
     import importlib
     import importlib.util
     out = []
-    for name in KERNEL_MODULES:
+    for name in modules:
         if importlib.util.find_spec(name) is None:
             continue
         for case in importlib.import_module(name).ptxas_cases():
@@ -88,10 +88,10 @@ def compile_one(fn, constexprs: dict, num_warps: int, arch: int, types: dict | N
             "shared": k.metadata.shared, "shared_limit": SMEM_LIMIT[arch]}
 
 
-def plan(archs: list[int], first_only: bool) -> list[tuple]:
+def plan(archs: list[int], first_only: bool, modules=KERNEL_MODULES) -> list[tuple]:
     """Every compile to run: (jit function, constexprs, num_warps, arch, argument types, row)."""
     out = []
-    for kernel, extras, types in _cases():
+    for kernel, extras, types in _cases(modules):
         fn, configs = _configs(kernel)
         configs = configs[:1] if first_only else configs
         for arch, (cfg, warps), extra in itertools.product(archs, configs, extras[:1] if first_only else extras):
@@ -100,8 +100,8 @@ def plan(archs: list[int], first_only: bool) -> list[tuple]:
     return out
 
 
-def run(archs: list[int], first_only: bool):
-    todo = plan(archs, first_only)
+def run(archs: list[int], first_only: bool, modules=KERNEL_MODULES):
+    todo = plan(archs, first_only, modules)
     # The first line says what is planned, so a caller can tell a dropped compile from a missing one.
     print(json.dumps({"planned": len(todo), "kernels": sorted({r[-1]["kernel"] for r in todo})}), flush=True)
     for fn, constexprs, warps, arch, types, row in todo:
@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SMEM_LIMIT))
     parser.add_argument("--first", action="store_true", help="only the first autotune config and launcher case")
+    parser.add_argument("--modules", nargs="+", choices=KERNEL_MODULES, default=list(KERNEL_MODULES),
+                        help="only these kernel modules (default: all)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("set TRITON_INTERPRET=0: the interpreter has no ahead-of-time compiler")
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     if "constexprs" not in inspect.signature(ASTSource).parameters:
         print("this Triton version has a different ahead-of-time compile API", file=sys.stderr)
         return 3
-    run(args.arch, args.first)
+    run(args.arch, args.first, tuple(args.modules))
     return 0
 
 
