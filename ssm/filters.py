@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 import kernels
 from ssm.discretize import discretize, discretize_diag
@@ -62,7 +63,9 @@ def dplr_filter(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, Ct: torc
     n_cauchy = M - 1 if L % 2 == 0 else M                              # Nyquist handled apart
     j = torch.arange(n_cauchy, device=Lambda.device, dtype=torch.float64)
     omega = torch.polar(torch.ones_like(j), -2 * math.pi * j / L)      # (M',) roots of unity
-    t = ((1 - omega) / (1 + omega)).to(Lambda.dtype)                   # (M',) g = (2/dt) t
+    # (1 - omega) / (1 + omega) = i tan(pi j / L): formed exactly on the imaginary axis, where the
+    # Cauchy product has its fast CPU path
+    t = torch.complex(torch.zeros_like(j), torch.tan(math.pi * j / L)).to(Lambda.dtype)   # (M',) g = (2/dt) t
     # scale by dt/2 so the Cauchy nodes t are shared by all channels: 1/(g - Lam) = (dt/2)/(t - dt Lam/2)
     half_dt = (dt / 2).to(real)[:, None]                               # (H, 1)
     w = half_dt * Lambda                                               # (H, N2)
@@ -75,6 +78,10 @@ def dplr_filter(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, Ct: torc
     ]
     v = torch.cat(nums, dim=0) * half_dt                               # (S, H, N2)
     k = kernels.cauchy_mult(v, t, w, symmetric=True, backend=backend)       # (S, H, M')
+    scale = (2 / (1 + omega)).to(k.dtype)                              # (M',)
+    if r == 1 and k.dtype == torch.complex64:
+        nyq = dt.to(real) * (Ct * B).sum(-1).real if n_cauchy < M else None   # (c, H): (dt/2) Ctf.Bf
+        return torch.fft.irfft(_Woodbury1.apply(k, scale, nyq), n=L)  # (c, H, L)
     k00, k01, k10, k11 = torch.split(k, [c, c * r, r, r * r], dim=0)
     if r == 1:
         khat = k00 - k01 * k10 / (1 + k11)                             # (c, H, M')
@@ -85,11 +92,53 @@ def dplr_filter(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, Ct: torc
         eye = torch.eye(r, dtype=k11.dtype, device=k11.device)
         corr = k01 @ torch.linalg.solve(eye + k11, k10)                # (H, M', c, 1)
         khat = k00 - corr.squeeze(-1).permute(2, 0, 1)                 # (c, H, M')
-    khat = khat * (2 / (1 + omega)).to(khat.dtype)                     # (c, H, M')
+    khat = khat * scale                                                # (c, H, M')
     if n_cauchy < M:
         nyq = dt.to(real) * (Ct * B).sum(-1).real                     # (c, H): (dt/2) Ctf.Bf
         khat = torch.cat([khat, nyq.to(khat.dtype).unsqueeze(-1)], dim=-1)   # (c, H, M)
     return torch.fft.irfft(khat, n=L)                                  # (c, H, L)
+
+
+class _Woodbury1(torch.autograd.Function):
+    """Rank-1 Woodbury combination, scaled, with the Nyquist value appended, in one output buffer:
+    k (2c+2, H, M') = [k00 (c), k01 (c), k10, k11] -> khat (c, H, M' (+1)),
+    khat = scale (k00 - k01 k10 / (1 + k11)) (+ nyq (c, H) real at the end).
+
+    The backward needs only k01, e = k10 / (1 + k11) and 1 + k11 (saved as new tensors, so the
+    Cauchy output is freed after the forward); with Gs = g conj(scale) (PyTorch's convention):
+    grad k00 = Gs, grad k01 = -Gs conj(e), grad k10 = -sum_c Gs conj(k01 / (1 + k11)),
+    grad k11 = -grad k10 conj(e), grad nyq = Re g at the last frequency.
+    """
+
+    @staticmethod
+    def forward(ctx, k, scale, nyq):
+        c = (k.shape[0] - 2) // 2
+        Mc = k.shape[-1]
+        k00, k01, k10, k11 = k[:c], k[c:2 * c], k[2 * c], k[2 * c + 1]
+        den = k11 + 1                                                  # (H, M')
+        out = k.new_empty(c, k.shape[1], Mc + (nyq is not None))       # (c, H, M)
+        body = out[..., :Mc]
+        torch.mul(k01, k10, out=body).div_(den)                        # (c, H, M'): k01 k10 / (1 + k11)
+        torch.sub(k00, body, out=body).mul_(scale)                     # (c, H, M')
+        if nyq is not None:
+            out[..., Mc] = nyq
+        ctx.save_for_backward(k01.clone(), k10 / den, den, scale)
+        ctx.has_nyq = nyq is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        k01, e, den, scale = ctx.saved_tensors
+        c, Mc = k01.shape[0], k01.shape[-1]
+        gk = g.new_empty((2 * c + 2,) + k01.shape[1:])                 # (2c+2, H, M')
+        gs = torch.mul(g[..., :Mc], scale.conj(), out=gk[:c])           # (c, H, M'): grad k00
+        torch.mul(gs, e.conj(), out=gk[c:2 * c]).neg_()                # grad k01
+        f = torch.div(k01, den).conj_physical_()                       # (c, H, M'): conj(k01 / (1 + k11))
+        torch.sum(f.mul_(gs), dim=0, out=gk[2 * c]).neg_()             # grad k10
+        torch.mul(gk[2 * c], e.conj(), out=gk[2 * c + 1]).neg_()       # grad k11
+        g_nyq = g[..., Mc].real.contiguous() if ctx.has_nyq and ctx.needs_input_grad[2] else None
+        return gk, None, g_nyq
 
 
 def dplr_dense(Lambda: torch.Tensor, P: torch.Tensor, B: torch.Tensor, dt: torch.Tensor):
