@@ -82,9 +82,10 @@ def test_saved_for_backward_stays_within_the_bound(mode, save_spectrum):
     # what this design keeps (4-byte floats, 8-byte complex): the input spectrum (or nothing: x is
     # the input), the filter spectrum, the SSM output (activation backward), the activation (Linear
     # weight gradient) and the Linear output (GLU backward); plus the filter's small parameter tensors.
-    # S4's filter also keeps its Woodbury terms: the S = 4 Cauchy sums (rank 1, one channel) and two
-    # products of them, at L/2 frequencies, 8-byte complex: 8 * (S + 2) * H * L/2 bytes.
-    filter_terms = 8 * (4 + 2) * H * (L // 2) if mode == "dplr" else 0
+    # S4's filter also keeps what its rank-1 Woodbury backward needs: k01, k10 / (1 + k11) and
+    # 1 + k11 at L/2 frequencies, 8-byte complex: 8 * 3 * H * L/2 bytes (the four Cauchy sums
+    # themselves are freed after the forward).
+    filter_terms = 8 * 3 * H * (L // 2) if mode == "dplr" else 0
     bound = (8 * Bsz * H * F if save_spectrum else 0) + 8 * H * F + 4 * Bsz * H * L * (1 + 1 + 2) + filter_terms
     saved = _saved_bytes(m, x)
     assert saved <= bound + 64 * 1024, (saved, bound)
