@@ -13,8 +13,8 @@ import sys
 
 from experiments.bench.decode import DECODE_LAYERS
 
-OPS = ("vandermonde", "cauchy", "fftconv", "selective_scan", "ssd")
-SELECTIVE_OPS = ("selective_scan", "ssd")
+OPS = ("vandermonde", "cauchy", "fftconv", "selective_scan", "ssd", "mamba3")
+SELECTIVE_OPS = ("selective_scan", "ssd", "mamba3")
 LAYERS = ("s4d", "s4", "attention", "transformer", "mamba", "mamba2", "mamba-hf", "mamba-hf-pscan",
           "mamba-mambapy", "mamba2-hf")
 PROVIDERS = ("triton", "torch", "plain", "compile", "pykeops", "mambapy")
@@ -23,7 +23,7 @@ PROVIDERS = ("triton", "torch", "plain", "compile", "pykeops", "mambapy")
 # H = d_inner = 2 d_model; N = the layer's usual state size.
 DEFAULT_OPS, DEFAULT_LAYERS = OPS[:3], LAYERS[:4]
 SELECTIVE_PROVIDERS = ("triton", "torch", "plain", "mambapy")
-SELECTIVE_N = {"selective_scan": 16, "ssd": 64, "mamba": 16, "mamba2": 64}
+SELECTIVE_N = {"selective_scan": 16, "ssd": 64, "mamba3": 64, "mamba": 16, "mamba2": 64}
 MODES = ("fwd", "fwdbwd")
 K = 1024
 PRESETS = {  # (ops: H, N, L; layers: B, H, N, L)
@@ -44,7 +44,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--op", nargs="*", choices=OPS, help="operators to run (no names: the first three; "
-                   "selective_scan and ssd only when named)")
+                   "selective_scan, ssd and mamba3 only when named)")
     p.add_argument("--layer", nargs="*", choices=LAYERS, help="layers to run (no names: the first four; the "
                    "selective layers and their peers only when named)")
     p.add_argument("--decode", action="store_true",
@@ -121,8 +121,8 @@ def parse_args(argv):
                     "(the library's chunked reference) / plain (materializing formula) / compile "
                     "(torch.compile of plain) / pykeops, and layer benchmarks (S4D, S4, SDPA attention, "
                     "Transformer+RoPE): time (median, p20-p80) and peak memory vs L. With neither --op nor "
-                    "--layer, runs the S4-family set. Selective rows when named: ops selective_scan / ssd "
-                    "(providers torch, plain = the sequential definition, mambapy = its parallel scan), layers "
+                    "--layer, runs the S4-family set. Selective rows when named: ops selective_scan / ssd / mamba3 (SISO) "
+                    "(providers triton, torch, plain = the sequential definition, mambapy = its parallel scan), layers "
                     "mamba / mamba2 and the CPU peers mamba-hf (transformers' sequential path), mamba-hf-pscan, "
                     "mamba-mambapy, mamba2-hf, B=1 d_model=256 (ops d_inner 512), N 16 / 64. Shape defaults: CPU H=256 N=64 L=1K..16K (layers B=1); "
                     "CUDA H={256,1024} N={16,64,256} L=1K..64K (layers B=16 H=1024). With --decode: "

@@ -1,4 +1,5 @@
-"""Benchmark cases of the selective operators (`selective_scan`, `ssd`) and layers (Mamba, Mamba-2, peers).
+"""Benchmark cases of the selective operators (`selective_scan`, `ssd`, `mamba3` = the SISO
+`mamba3_scan`) and layers (Mamba, Mamba-2, peers).
 
 Shapes: an op row's H is the scan's channel count (d_inner = expand * d_model; `ssd` splits it
 into heads of P = 64), N the state size, batch 1. A layer row's H is d_model, N the state size;
@@ -20,7 +21,9 @@ Floors (what no implementation can avoid; timed in the same loop as the case, al
   state element. ssd (one scalar decay per head: the chunked algorithm forms states only at chunk
   boundaries, with matrix products): one elementwise pass over its inputs and output, y-sized
   x (dt + D) and the B, C read, 3 FLOPs per (token, channel) and 2 per (token, n); its floor is the
-  memory traffic. fwd: one pass; fwd+bwd: two (the backward revisits them at least once). The
+  memory traffic. mamba3 (SISO; the same chunked algorithm as ssd): the ssd floor plus what the
+  data-dependent rotation adds, one cumulative sum of the angles and one rotation of B and C per
+  head, 6 FLOPs per (token, head, n). fwd: one pass; fwd+bwd: two (the backward revisits them at least once). The
   row also carries these `flops` and the compulsory `bytes` (every input read once and every
   output written once, float32).
 - layer: the projections forward + backward (input, weight and bias gradients; Mamba: in_proj,
@@ -33,10 +36,10 @@ import math
 
 import torch
 
-OPS = ("selective_scan", "ssd")
+OPS = ("selective_scan", "ssd", "mamba3")
 LAYERS = ("mamba", "mamba2", "mamba-hf", "mamba-hf-pscan", "mamba-mambapy", "mamba2-hf")
-PROVIDERS = ("torch", "plain", "mambapy")
-DEFAULT_N = {"selective_scan": 16, "ssd": 64, "mamba": 16, "mamba2": 64}
+PROVIDERS = ("torch", "triton", "plain", "mambapy")
+DEFAULT_N = {"selective_scan": 16, "ssd": 64, "mamba3": 64, "mamba": 16, "mamba2": 64}
 HEADDIM = 64
 CHECK_L = 256
 PEER_RTOL = 1e-4
@@ -59,14 +62,20 @@ def op_inputs(op: str, H: int, N: int, L: int, *, device: str, seed: int = 0) ->
         return dict(u=rnd(1, H, L), delta=rnd(1, H, L, scale=0.5), A=A, B=rnd(1, N, L), C=rnd(1, N, L),
                     D=rnd(H), z=rnd(1, H, L), delta_bias=rnd(H, scale=0.5) - 3.0)
     if H % HEADDIM:
-        raise ValueError(f"ssd: H (channels) must be a multiple of the head size {HEADDIM}, got {H}")
+        raise ValueError(f"{op}: H (channels) must be a multiple of the head size {HEADDIM}, got {H}")
     nh = H // HEADDIM
+    if op == "mamba3":
+        dt = torch.nn.functional.softplus(rnd(1, L, nh, scale=0.5) - 3.0)
+        return dict(x=rnd(1, L, nh, HEADDIM), dt=dt, A=-torch.rand(1, L, nh, generator=g).to(device) * 4 - 0.5,
+                    B=rnd(1, L, 1, N), C=rnd(1, L, 1, N), lam=torch.rand(1, L, nh, generator=g).to(device),
+                    theta=rnd(1, L, nh, N // 2), D=rnd(nh))
     return dict(x=rnd(1, L, nh, HEADDIM), dt=rnd(1, L, nh, scale=0.5), A=-torch.linspace(1, 16, nh).to(device),
                 B=rnd(1, L, 1, N), C=rnd(1, L, 1, N), D=rnd(nh), dt_bias=rnd(nh, scale=0.5) - 3.0)
 
 
 def _prefix(op: str, inp: dict, L: int) -> dict:
-    time_dim = {"selective_scan": {"u": 2, "delta": 2, "B": 2, "C": 2, "z": 2}, "ssd": {"x": 1, "dt": 1, "B": 1, "C": 1}}
+    time_dim = {"selective_scan": {"u": 2, "delta": 2, "B": 2, "C": 2, "z": 2}, "ssd": {"x": 1, "dt": 1, "B": 1, "C": 1},
+                "mamba3": {k: 1 for k in ("x", "dt", "A", "B", "C", "lam", "theta")}}
     return {k: (v.narrow(time_dim[op][k], 0, L) if k in time_dim[op] else v) for k, v in inp.items()}
 
 
@@ -75,6 +84,10 @@ def _reference(op: str, inp: dict) -> torch.Tensor:
         from kernels.selective_scan.reference import selective_scan_ref
         i = inp
         return selective_scan_ref(i["u"], i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"], i["delta_bias"], True)
+    if op == "mamba3":
+        from kernels.mamba3.reference import mamba3_ref
+        i = inp
+        return mamba3_ref(i["x"], i["dt"], i["A"], i["B"], i["C"], i["lam"], i["theta"], D=i["D"])[0]
     from kernels.ssd.reference import ssd_ref
     i = inp
     return ssd_ref(i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], dt_bias=i["dt_bias"], dt_softplus=True)[0]
@@ -94,16 +107,24 @@ def _mambapy_scan(inp: dict) -> torch.Tensor:
     return y * torch.nn.functional.silu(inp["z"])
 
 
-def op_provider(op: str, name: str):
+def op_provider(op: str, name: str, device: str = "cpu"):
     """inputs -> output for provider `name`; raises LookupError(reason) when it cannot run."""
-    if name == "torch":
+    if name in ("torch", "triton"):
+        from kernels._triton import why_not
+        reason = why_not(torch.zeros(0, device=device)) if name == "triton" else None
+        if reason is not None:
+            raise LookupError(f"triton: {reason}")
         if op == "selective_scan":
             from kernels.selective_scan import selective_scan
             return lambda i: selective_scan(i["u"], i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"],
-                                            i["delta_bias"], True, backend="torch")
+                                            i["delta_bias"], True, backend=name)
+        if op == "mamba3":
+            from kernels.mamba3 import mamba3_scan
+            return lambda i: mamba3_scan(i["x"], i["dt"], i["A"], i["B"], i["C"], i["lam"], i["theta"], D=i["D"],
+                                         backend=name)
         from kernels.ssd import ssd
         return lambda i: ssd(i["x"], i["dt"], i["A"], i["B"], i["C"], 256, i["D"], dt_bias=i["dt_bias"],
-                             dt_softplus=True, backend="torch")
+                             dt_softplus=True, backend=name)
     if name == "plain":
         return lambda i: _reference(op, i)
     if name == "mambapy":
@@ -113,7 +134,7 @@ def op_provider(op: str, name: str):
         if importlib.util.find_spec("mambapy") is None:
             raise LookupError("mambapy is not installed")
         return _mambapy_scan
-    raise LookupError(f"no {name!r} provider for {op} (selective ops: {PROVIDERS}; no Triton kernels yet)")
+    raise LookupError(f"no {name!r} provider for {op} (selective ops: {PROVIDERS})")
 
 
 def op_counts(op: str, H: int, N: int, L: int, mode: str) -> tuple[float, float]:
@@ -125,6 +146,10 @@ def op_counts(op: str, H: int, N: int, L: int, mode: str) -> tuple[float, float]
     else:
         flops = 3.0 * H * L + 2.0 * N * L
         nbytes = 4.0 * (H * L + 2 * (H // HEADDIM) * L + 2 * N * L) + 4.0 * H * L
+        if op == "mamba3":
+            nh = H // HEADDIM
+            flops += 6.0 * nh * N * L
+            nbytes += 4.0 * (2 * nh * L + nh * L * N // 2)                 # A, lam, theta
     return passes * flops, passes * nbytes
 
 
@@ -145,6 +170,12 @@ def scan_pass(op: str, inp: dict):
         x, dt, D = inp["x"], inp["dt"], inp["D"]                                                 # (b, L, H, P), (b, L, H)
         torch.addcmul(x * D[:, None], x, dt.unsqueeze(-1))                                       # (b, L, H, P)
         (inp["B"] * inp["C"]).sum(-1)                                                            # (b, L, 1)
+        if op == "mamba3":                                                                       # angles, rotations
+            phi = torch.cumsum(inp["theta"] * dt.unsqueeze(-1), dim=1)                          # (b, L, H, N/2)
+            c, s_ = torch.cos(phi), torch.sin(phi)
+            for M in (inp["B"], inp["C"]):
+                m = M.unflatten(-1, (-1, 2))                                                     # (b, L, 1, N/2, 2)
+                m[..., 0] * c - m[..., 1] * s_, m[..., 0] * s_ + m[..., 1] * c
     return one
 
 
@@ -179,7 +210,7 @@ def run_selective_op_case(case: dict, *, before_timing=None) -> dict:
     op, H, N, L, mode, device = (case[k] for k in ("op", "H", "N", "L", "mode", "device"))
     res = {"kind": "op", **{k: case[k] for k in ("op", "provider", "H", "N", "L", "mode")}}
     try:
-        fn = op_provider(op, case["provider"])
+        fn = op_provider(op, case["provider"], device)
     except LookupError as e:
         return {**res, "status": "SKIPPED", "reason": str(e)}
     try:

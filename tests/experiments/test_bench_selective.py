@@ -35,8 +35,8 @@ def test_op_counts_follow_the_stated_formulas():
 def test_a_wrong_provider_fails_the_check(monkeypatch):
     real = selective.op_provider
 
-    def off_by_a_bit(op, name):
-        fn = real(op, name)
+    def off_by_a_bit(op, name, device="cpu"):
+        fn = real(op, name, device)
         return lambda i: fn(i) * 1.001
     monkeypatch.setattr(selective, "op_provider", off_by_a_bit)
     res = selective.run_selective_op_case(dict(kind="op", op="ssd", provider="torch", H=64, N=4, L=20,
@@ -99,3 +99,23 @@ def test_isolated_cases_get_the_thread_count(monkeypatch):
     runner._run_case(dict(kind="layer", layer="mamba", B=1, H=32, N=8, L=16, mode="fwd"), args, "cpu",
                      isolate=True, skip=None)
     assert seen["env"]["OMP_NUM_THREADS"] == "1"
+
+
+def test_mamba3_op_rows_check_and_time_against_their_floor():
+    # The SISO Mamba-3 scan: checked against the float64 definition (every gradient), then timed
+    # next to its floor; the floor's counts add the rotation's work to the SSD floor's.
+    res = selective.run_selective_op_case(dict(kind="op", op="mamba3", provider="torch", H=64, N=4, L=20,
+                                               mode="fwdbwd", **COMMON))
+    assert res["status"] == "OK", res
+    assert set(res["check"]) == {"out", *(f"grad_{n}" for n in selective._grad_names("mamba3"))}
+    assert res["x_floor"] > 0
+    ssd = selective.op_counts("ssd", 128, 8, 32, "fwd")
+    m3 = selective.op_counts("mamba3", 128, 8, 32, "fwd")
+    assert m3[0] == ssd[0] + 6.0 * 2 * 8 * 32
+
+
+def test_the_triton_provider_is_skipped_where_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("SSMKIT_DISABLE_TRITON", "1")
+    res = selective.run_selective_op_case(dict(kind="op", op="ssd", provider="triton", H=64, N=4, L=20,
+                                               mode="fwd", **COMMON))
+    assert res["status"] == "SKIPPED" and "SSMKIT_DISABLE_TRITON" in res["reason"]
