@@ -14,7 +14,7 @@ import sys
 from experiments.bench.decode import DECODE_LAYERS
 
 OPS = ("vandermonde", "cauchy", "fftconv", "selective_scan", "ssd", "mamba3")
-SELECTIVE_OPS = ("selective_scan", "ssd", "mamba3")
+SELECTIVE_OPS = ("selective_scan", "ssd", "mamba3")   # = experiments.bench.selective.OPS (a test checks)
 LAYERS = ("s4d", "s4", "attention", "transformer", "mamba", "mamba2", "mamba-hf", "mamba-hf-pscan",
           "mamba-mambapy", "mamba2-hf")
 PROVIDERS = ("triton", "torch", "plain", "compile", "pykeops", "mambapy")

@@ -119,3 +119,9 @@ def test_the_triton_provider_is_skipped_where_it_cannot_run(monkeypatch):
     res = selective.run_selective_op_case(dict(kind="op", op="ssd", provider="triton", H=64, N=4, L=20,
                                                mode="fwd", **COMMON))
     assert res["status"] == "SKIPPED" and "SSMKIT_DISABLE_TRITON" in res["reason"]
+
+
+def test_the_runner_sends_every_selective_op_to_its_cases():
+    import experiments.bench.__main__ as runner
+    import experiments.bench.ops as ops
+    assert set(runner.SELECTIVE_OPS) == set(ops.SELECTIVE_OPS) == set(selective.OPS)
