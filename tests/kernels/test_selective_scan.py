@@ -190,3 +190,13 @@ def test_opcheck():
     x = make_inputs(1, 4, 3, 6, dtype=torch.float32)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], x["initial_state"], True, "torch")
     torch.library.opcheck(torch.ops.ssmkit.selective_scan.default, args)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("q", [3, 20])
+def test_step_by_step_cumsum_equals_torch_cumsum(q, reverse):
+    # Both branches of the chunked path's cumulative sum (short chunks: torch.cumsum; long: adds).
+    t = torch.randn(2, q, 1, 3, 4, dtype=torch.float64)
+    want = torch.cumsum(t.flip(1), 1).flip(1) if reverse else torch.cumsum(t, 1)
+    got = reference._cumsum_steps_(t.clone(), reverse=reverse)
+    assert_close(got, want)
