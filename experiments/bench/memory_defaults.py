@@ -23,28 +23,16 @@ import sys
 import time
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def child(case: dict) -> dict:
     """One case in this (fresh) process; see the module docstring."""
     import torch
 
     torch.set_num_threads(case["threads"])
+    from experiments.bench.timing import (  # no malloc changes
+        reset_peak_rss,
+        rss_now_bytes,
+        rss_peak_bytes,
+    )
     from ssm.layers.s4 import S4
 
     B, H, N, L = case["B"], case["H"], case["N"], case["L"]
@@ -70,14 +58,14 @@ def child(case: dict) -> dict:
     x, g = make(L)
     res = {**case, "mem_mb": [], "time_s": [], "cpu_s": [], "exact_peak": True}
     for _ in range(case["calls"]):
-        res["exact_peak"] &= _reset_peak()
-        base = _status_kib("VmRSS")
+        res["exact_peak"] &= reset_peak_rss()
+        base = rss_now_bytes()
         t0, c0 = time.perf_counter(), time.process_time()
         call(x, g)
         res["time_s"].append(round(time.perf_counter() - t0, 4))
         res["cpu_s"].append(round(time.process_time() - c0, 4))
-        res["mem_mb"].append(round((_status_kib("VmHWM") - base) * 1024 / 1e6, 1))
-    res["rss_after_mb"] = round(_status_kib("VmRSS") * 1024 / 1e6, 1)
+        res["mem_mb"].append(round((rss_peak_bytes() - base) / 1e6, 1))
+    res["rss_after_mb"] = round(rss_now_bytes() / 1e6, 1)
     return res
 
 
@@ -88,7 +76,8 @@ def run_case(case: dict, timeout_s: float) -> dict:
     env["OMP_NUM_THREADS"] = str(case["threads"])
     cmd = [sys.executable, "-m", "experiments.bench.memory_defaults", "--child", json.dumps(case)]
     try:
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s,
+                              check=False)
     except subprocess.TimeoutExpired:
         return {**case, "status": "TIMEOUT"}
     for line in reversed(proc.stdout.splitlines()):

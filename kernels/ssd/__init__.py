@@ -17,7 +17,6 @@ from kernels.ssd.reference import effective_dt, segment_ids, skip_and_gate, ssd_
 
 __all__ = ["ssd", "mamba_chunk_scan_combined", "ssd_ref"]
 
-HAS_TRITON_KERNELS = True
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
