@@ -12,9 +12,10 @@ import os
 import sys
 
 from experiments.bench.decode import DECODE_LAYERS
+from experiments.bench.selective import DEFAULT_N as SELECTIVE_N
+from experiments.bench.selective import OPS as SELECTIVE_OPS
 
-OPS = ("vandermonde", "cauchy", "fftconv", "selective_scan", "ssd", "mamba3")
-SELECTIVE_OPS = ("selective_scan", "ssd", "mamba3")   # = experiments.bench.selective.OPS (a test checks)
+OPS = ("vandermonde", "cauchy", "fftconv") + SELECTIVE_OPS
 LAYERS = ("s4d", "s4", "attention", "transformer", "mamba", "mamba2", "mamba-hf", "mamba-hf-pscan",
           "mamba-mambapy", "mamba2-hf")
 PROVIDERS = ("triton", "torch", "plain", "compile", "pykeops", "mambapy")
@@ -23,7 +24,6 @@ PROVIDERS = ("triton", "torch", "plain", "compile", "pykeops", "mambapy")
 # H = d_inner = 2 d_model; N = the layer's usual state size.
 DEFAULT_OPS, DEFAULT_LAYERS = OPS[:3], LAYERS[:4]
 SELECTIVE_PROVIDERS = ("triton", "torch", "plain", "mambapy")
-SELECTIVE_N = {"selective_scan": 16, "ssd": 64, "mamba3": 64, "mamba": 16, "mamba2": 64}
 MODES = ("fwd", "fwdbwd")
 K = 1024
 PRESETS = {  # (ops: H, N, L; layers: B, H, N, L)

@@ -21,8 +21,11 @@ from typing import Callable
 
 import torch
 
+from experiments.bench.selective import (
+    OPS as SELECTIVE_OPS,  # own inputs, check and floor there
+)
+
 OPS = ("vandermonde", "cauchy", "fftconv")
-SELECTIVE_OPS = ("selective_scan", "ssd", "mamba3")  # cases in experiments.bench.selective (own inputs, check, floor)
 PROVIDERS = ("triton", "torch", "plain", "compile", "pykeops", "mambapy")
 N_NUMERATORS = 4  # S4's Woodbury form needs k00, k01, k10, k11 (docs/operators.md)
 CHECK_ROWS = 2

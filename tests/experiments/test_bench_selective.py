@@ -120,8 +120,3 @@ def test_the_triton_provider_is_skipped_where_it_cannot_run(monkeypatch):
                                                mode="fwd", **COMMON))
     assert res["status"] == "SKIPPED" and "SSMKIT_DISABLE_TRITON" in res["reason"]
 
-
-def test_the_runner_sends_every_selective_op_to_its_cases():
-    import experiments.bench.__main__ as runner
-    import experiments.bench.ops as ops
-    assert set(runner.SELECTIVE_OPS) == set(ops.SELECTIVE_OPS) == set(selective.OPS)
