@@ -25,9 +25,9 @@ from torch import nn
 from kernels.selective_scan import selective_state_update
 from kernels.ssd import ssd
 from ssm.config import Mamba2Config, build, keyword_signature
+from ssm.layers.causal_conv import causal_conv_silu
 from ssm.layers.mamba import (
     BACKENDS,
-    causal_conv,
     check_dt_range,
     check_int,
     check_packing,
@@ -177,7 +177,7 @@ class Mamba2(ConfigAttributes, nn.Module):
         z0, x0, z, xBC, dt = self._split(self.in_proj(x))             # (B, L, .) each
         conv_state, ssm_state = (None, None) if state is None else state
         u = xBC.transpose(1, 2)                                        # (B, conv_dim, L)
-        xBC = causal_conv(u, self.conv1d, conv_state, seq_idx).transpose(1, 2)  # (B, L, conv_dim)
+        xBC = causal_conv_silu(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, seq_idx)  # (B, L, conv_dim)
         xs, Bm, Cm = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
         f = self._state_dtype()
         dt_bias, softplus, limit = self.dt_bias.to(f), True, tuple(cfg.dt_limit)
