@@ -40,9 +40,51 @@ from ssm.layers.mamba import (
 from ssm.layers.nn import ConfigAttributes, check_lengths, keyword_only, length_mask
 
 
+class _GatedRMSNormFn(torch.autograd.Function):
+    """The gated RMSNorm in float32 (or wider) with a hand-written backward that keeps only y, z and
+    the (..., groups) reciprocal norms (autograd kept five full-size tensors)."""
+
+    @staticmethod
+    def forward(ctx, y, z, weight, group_size, eps, norm_before_gate):
+        f = torch.promote_types(y.dtype, torch.float32)
+        gate = F.silu(z.to(f))                                        # (..., d)
+        h = y.to(f) if norm_before_gate else y.to(f) * gate
+        g = h.unflatten(-1, (-1, group_size))                         # (..., groups, group_size)
+        r = torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)        # (..., groups, 1)
+        out = (g * r).flatten(-2) * weight.to(f)
+        if norm_before_gate:
+            out = out * gate
+        ctx.save_for_backward(y, z, weight, r)
+        ctx.group_size, ctx.norm_before_gate = group_size, norm_before_gate
+        return out.to(y.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout):
+        y, z, weight, r = ctx.saved_tensors
+        f = torch.promote_types(y.dtype, torch.float32)
+        zf, yf, w = z.to(f), y.to(f), weight.to(f)
+        sig = torch.sigmoid(zf)
+        gate = zf * sig                                               # silu(z)
+        dgate = sig.mul_(zf.mul(1 - sig).add_(1))                     # silu'(z) = s (1 + z (1 - s))
+        h = yf if ctx.norm_before_gate else yf * gate
+        n = (h.unflatten(-1, (-1, ctx.group_size)) * r).flatten(-2)   # (..., d): normalized h
+        go = gout.to(f) * gate if ctx.norm_before_gate else gout.to(f)
+        dw = (go * n).flatten(0, -2).sum(0)                           # (d,)
+        gn = (go * w).unflatten(-1, (-1, ctx.group_size))             # (..., groups, group_size)
+        nn_ = n.unflatten(-1, (-1, ctx.group_size))
+        dh = ((gn - nn_ * (gn * nn_).mean(-1, keepdim=True)) * r).flatten(-2)   # (..., d)
+        if ctx.norm_before_gate:
+            dy, dz = dh, gout.to(f) * n * w * dgate
+        else:
+            dy, dz = dh * gate, dh * yf * dgate
+        return dy.to(y.dtype), dz.to(z.dtype), dw.to(weight.dtype), None, None, None
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm over groups of `group_size` channels, gated by silu(z): norm(y * silu(z)) * weight,
-    or norm(y) * weight * silu(z) with `norm_before_gate`. Computed in float32 (or wider)."""
+    or norm(y) * weight * silu(z) with `norm_before_gate`. Computed in float32 (or wider), with a
+    hand-written backward (`_GatedRMSNormFn`)."""
 
     def __init__(self, d: int, *, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False,
                  device=None, dtype=None):
@@ -51,16 +93,7 @@ class GatedRMSNorm(nn.Module):
         self.group_size, self.eps, self.norm_before_gate = group_size, eps, norm_before_gate
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        f = torch.promote_types(y.dtype, torch.float32)
-        h, gate = y.to(f), F.silu(z.to(f))                            # (..., d)
-        if not self.norm_before_gate:
-            h = h * gate
-        g = h.unflatten(-1, (-1, self.group_size))                    # (..., groups, group_size)
-        h = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)   # (..., d)
-        h = h * self.weight.to(f)
-        if self.norm_before_gate:
-            h = h * gate
-        return h.to(y.dtype)
+        return _GatedRMSNormFn.apply(y, z, self.weight, self.group_size, self.eps, self.norm_before_gate)
 
 
 def _check_config(cfg: Mamba2Config, d_model: int) -> tuple[int, int]:
