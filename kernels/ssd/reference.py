@@ -87,8 +87,9 @@ def ssd_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, s
 
 
 # Temporaries of one block of chunks stay near this many elements (tests lower it to get several
-# blocks); read at call time.
-BLOCK_ELEMENTS = 1 << 22
+# blocks); read at call time. 2^20 floats (4 MB) per temporary keeps the layer's peak memory low and
+# the block's working set near the cache; larger blocks were not faster on the CPU.
+BLOCK_ELEMENTS = 1 << 20
 # The chunked path's own chunk length: at most this many tokens, whatever chunk size the caller
 # asked for (the result does not depend on it). The work inside a chunk grows with its length
 # (Q x Q decay and score matrices per head) while the state passing shrinks; on the CPU 64 tokens
@@ -102,86 +103,186 @@ def chunks_per_block(b: int, H: int, Q: int, P: int, N: int) -> int:
     return max(1, BLOCK_ELEMENTS // per_chunk)
 
 
-def _decays(dt, A, doc, doc_before):
-    """The chunk's decay factors from dt (b, K, Q, H) and the document counters.
+# Layout inside a block of K chunks: the batch and chunk axes merged into one, n = b K. Token-major
+# tensors x, u, y (n, Q, H, P) and B, C (n, Q, G, N) keep the caller's layout: a group's R = H/G heads
+# sit side by side as one (Q, R P) matrix, so the per-group products (chunk states, the incoming
+# state's output) are plain batched matmuls. The per-head Q x Q matrices (decays, scores) are built
+# one head at a time, (n, Q, Q), used and dropped: no (n, H, Q, Q) tensor is ever formed.
 
-    Returns Lm (b, K, H, Q, Q) = exp(cs_i - cs_j) for j <= i in one document, din (b, K, H, Q) =
-    exp(cs_i) where token i still sees the incoming state, dout (b, K, H, Q) = exp(tot - cs_j)
-    where token j reaches the chunk's final state, g (b, K, H) = exp(tot) where the incoming state
-    survives the chunk; cs is the inclusive cumsum of dt A in the chunk, tot its last value.
-    The cumsum and its differences are taken in float64: in float32 cs_i - cs_j would lose the
-    small differences that matter most.
+
+class _Decays:
+    """A block's decay factors from a = dt A (n, Q, H) and the document counters doc (n, Q).
+
+    cs = inclusive cumsum of a over the chunk, in float64, kept as float32 hi + lo parts so that
+    seg[i, j] = cs_i - cs_j is formed in float32 with an error relative to seg itself, not to cs.
+    din (H, n, Q) = exp(cs_i) where token i still sees the incoming state; dout (H, n, Q) =
+    exp(tot - cs_j) where token j reaches the chunk's final state; g (H, n) = exp(tot) where the
+    incoming state survives the chunk; tot = cs at the chunk's last token.
     """
-    Q = dt.shape[2]
-    cs = torch.cumsum(dt.double() * A.double(), dim=2).transpose(2, 3)   # (b, K, H, Q)
-    tot = cs[..., -1:]                                                     # (b, K, H, 1)
-    mask = torch.ones(Q, Q, dtype=torch.bool, device=dt.device).tril()    # (Q, Q)
-    if doc is not None:
-        mask = (mask & (doc.unsqueeze(-1) == doc.unsqueeze(-2))).unsqueeze(2)  # (b, K, 1, Q, Q)
-    seg = (cs.unsqueeze(-1) - cs.unsqueeze(-2)).to(dt.dtype)              # (b, K, H, Q, Q)
-    Lm = seg.masked_fill_(~mask, -math.inf).exp_()                        # (b, K, H, Q, Q)
-    din = torch.exp(cs).to(dt.dtype)                                       # (b, K, H, Q)
-    dout = torch.exp(tot - cs).to(dt.dtype)                                # (b, K, H, Q)
-    g = torch.exp(tot[..., 0]).to(dt.dtype)                                # (b, K, H)
-    if doc is not None:
-        before = torch.cat([doc_before[:, None], doc[:, :-1, -1]], dim=1)  # (b, K)
-        din = din * (doc == before[..., None]).unsqueeze(2)
-        dout = dout * (doc == doc[..., -1:]).unsqueeze(2)
-        g = g * (doc[..., -1] == before).unsqueeze(-1)
-    return Lm, din, dout, g
+
+    def __init__(self, a, doc, before):
+        n, Q, H = a.shape
+        self.dtype = a.dtype
+        cs = torch.cumsum(a.double(), dim=1).permute(2, 0, 1).contiguous()   # (H, n, Q)
+        self.cs = cs
+        self.hi = cs.to(a.dtype)
+        self.lo = (cs - self.hi.double()).to(a.dtype) if a.dtype != torch.float64 else None
+        tot = cs[..., -1:]                                                     # (H, n, 1)
+        mask = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril()     # (Q, Q)
+        din, dout, g = torch.exp(cs), torch.exp(tot - cs), torch.exp(tot[..., 0])
+        if doc is not None:
+            mask = mask & (doc.unsqueeze(-1) == doc.unsqueeze(-2))             # (n, Q, Q)
+            din = din * (doc == before[:, None])
+            dout = dout * (doc == doc[:, -1:])
+            g = g * (doc[:, -1] == before)
+        self.out_of_reach = ~mask
+        self.din, self.dout, self.g = din.to(a.dtype), dout.to(a.dtype), g.to(a.dtype)
+
+    def causal(self, h):
+        """Lm[i, j] = exp(cs_i - cs_j) for j <= i in one document, else 0: (n, Q, Q) for head h."""
+        hi = self.hi[h]
+        seg = hi.unsqueeze(-1) - hi.unsqueeze(-2)                              # (n, Q, Q)
+        if self.lo is not None:
+            lo = self.lo[h]
+            seg.add_(lo.unsqueeze(-1)).sub_(lo.unsqueeze(-2))
+        return seg.masked_fill_(self.out_of_reach, -math.inf).exp_()
 
 
-def _stack(t, G):
-    """(b, K, Q, H, P) -> (b, K, G, Q, R*P): the R heads of a group side by side (copy)."""
-    b, K, Q, H, P = t.shape
-    return t.reshape(b, K, Q, G, (H // G) * P).transpose(2, 3)
+def _groups(t, G):
+    """(n, Q, H, P) token-major -> (n, G, Q, R P): a group's heads side by side (a view when G = 1)."""
+    n, Q, H, P = t.shape
+    return t.reshape(n, Q, G, (H // G) * P).transpose(1, 2)
 
 
-def _unstack(t, H):
-    """(b, K, G, Q, R*P) -> (b, K, Q, H, P)."""
-    b, K, G, Q, RP = t.shape
-    return t.transpose(2, 3).reshape(b, K, Q, H, RP * G // H)
+def _heads(t, H):
+    """(n, G, Q, R P) -> (n, Q, H, P) token-major (a view when G = 1)."""
+    n, G, Q, RP = t.shape
+    return t.transpose(1, 2).reshape(n, Q, H, RP * G // H)
 
 
-def _intra(Lm, B, C, G):
-    """M = Lm o (C B^T) per head: (b, K, H, Q, Q), and C B^T (b, K, G, Q, Q)."""
-    b, K, H, Q, _ = Lm.shape
-    CB = C.transpose(2, 3) @ B.permute(0, 1, 3, 4, 2)                      # (b, K, G, Q, Q)
-    M = (Lm.view(b, K, G, H // G, Q, Q) * CB.unsqueeze(3)).view(b, K, H, Q, Q)
-    return M, CB
+def _token_major(t):
+    """(H, n, Q) per-head factors -> (n, Q, H, 1) to scale token-major (n, Q, H, P) tensors
+    (contiguous: a broadcast over a permuted view is several times slower)."""
+    return t.permute(1, 2, 0).contiguous().unsqueeze(-1)
 
 
 def _pass_states(S, s, g):
-    """Scan over the K chunks: S_in[k] = S, then S = g[k] S + s[k]. Returns (S_in (b, K, H, P, N), S)."""
-    S_in = torch.empty_like(s)                                             # (b, K, H, P, N)
+    """Scan over the K chunks of each row: S_in[k] = S, then S = g[k] S + s[k].
+    S (b, H, P, N), s (b, K, H, P, N), g (b, K, H) -> (S_in (b, K, H, P, N), S)."""
+    S_in = torch.empty_like(s)
     for k in range(s.shape[1]):
         S_in[:, k] = S
-        S = g[:, k, :, None, None] * S + s[:, k]                           # (b, H, P, N)
+        S = torch.addcmul(s[:, k], g[:, k, :, None, None], S)                # (b, H, P, N)
     return S_in, S
 
 
-def _block_states(x, dt, A, B, doc, doc_before, S):
-    """Chunk states of one block: (S_in (b, K, H, P, N), S after the block, decays, u = dt x)."""
-    b, K, Q, H, P = x.shape
+def _states(u, B, dec, S, b):
+    """Chunk states s = sum_j dout_j u_j B_j^T and the incoming state of every chunk.
+    Returns (S_in (n, H, P, N), outgoing S (b, H, P, N), wu = u dout (n, Q, H, P))."""
+    n, Q, H, P = u.shape
     G, N = B.shape[-2:]
-    Lm, din, dout, g = _decays(dt, A, doc, doc_before)
-    u = x * dt.unsqueeze(-1)                                               # (b, K, Q, H, P)
-    wu = _stack(u * dout.transpose(2, 3).unsqueeze(-1), G)                 # (b, K, G, Q, R*P)
-    s = (wu.transpose(-1, -2) @ B.transpose(2, 3)).view(b, K, H, P, N)     # (b, K, H, P, N)
-    S_in, S = _pass_states(S, s, g)
-    return S_in, S, (Lm, din, dout, g), u
+    wu = u * _token_major(dec.dout)                                      # (n, Q, H, P)
+    s = _groups(wu, G).transpose(-1, -2) @ B.transpose(1, 2)                 # (n, G, R P, N)
+    g = dec.g.t().reshape(b, n // b, H)                                        # (b, K, H)
+    S_in, S = _pass_states(S, s.reshape(b, n // b, H, P, N), g)
+    return S_in.view(n, H, P, N), S, wu
 
 
-def _block_fwd(x, dt, A, B, C, doc, doc_before, S):
-    """One block of K chunks: x (b, K, Q, H, P), dt (b, K, Q, H), B, C (b, K, Q, G, N), incoming
-    S (b, H, P, N) -> (y (b, K, Q, H, P), outgoing S)."""
-    b, K, Q, H, P = x.shape
+def _block_fwd(x, dt, A, B, C, doc, before, S):
+    """One block: x (n, Q, H, P), dt (n, Q, H), B, C (n, Q, G, N), doc (n, Q) or None, before (n,),
+    incoming S (b, H, P, N) -> (y (n, Q, H, P), outgoing S)."""
+    n, Q, H, P = x.shape
     G, N = B.shape[-2:]
-    S_in, S, (Lm, din, _, _), u = _block_states(x, dt, A, B, doc, doc_before, S)
-    M, _ = _intra(Lm, B, C, G)
-    y = (M @ u.transpose(2, 3)).transpose(2, 3)                            # (b, K, Q, H, P)
-    Ys = C.transpose(2, 3) @ S_in.view(b, K, G, -1, N).transpose(-1, -2)   # (b, K, G, Q, R*P)
-    return y + _unstack(Ys, H) * din.transpose(2, 3).unsqueeze(-1), S
+    R = H // G
+    dec = _Decays(dt * A, doc, before)
+    u = x * dt.unsqueeze(-1)                                                  # (n, Q, H, P)
+    S_in, S, _ = _states(u, B, dec, S, S.shape[0])
+    Ct = C.transpose(1, 2)                                                    # (n, G, Q, N)
+    y = _heads(Ct @ S_in.view(n, G, R * P, N).transpose(-1, -2), H)          # (n, Q, H, P)
+    y = y.mul_(_token_major(dec.din)) if y.is_contiguous() else y * _token_major(dec.din)
+    CB = Ct @ B.permute(0, 2, 3, 1)                                           # (n, G, Q, Q)
+    y_heads = torch.empty(H, n, Q, P, dtype=x.dtype, device=x.device)        # head-major: plain bmm outputs
+    for h in range(H):
+        M = dec.causal(h).mul_(CB[:, h // R])                                 # (n, Q, Q)
+        torch.bmm(M, u[:, :, h], out=y_heads[h])
+    return y.add_(y_heads.permute(1, 2, 0, 3)), S
+
+
+def _reverse_pass(dS, e, g):
+    """Adjoint of `_pass_states`: dS_out[k] = dS, then dS = g[k] dS + e[k]; returns (dS_out, dS)."""
+    dS_out = torch.empty_like(e)                                           # (b, K, H, P, N)
+    for k in reversed(range(e.shape[1])):
+        dS_out[:, k] = dS
+        dS = torch.addcmul(e[:, k], g[:, k, :, None, None], dS)            # (b, H, P, N)
+    return dS_out, dS
+
+
+def _seg_grad(dseg):
+    """d loss / d a_r from the gradient of seg[i, j] = a_{j+1} + ... + a_i (n, Q, Q): the sum of
+    dseg over the rectangle i >= r > j, summed directly (no difference of large partial sums)."""
+    row = torch.cumsum(dseg, dim=-1).tril_(-1)                             # [i, c] = sum_{j <= c} dseg, i > c
+    col = row.sum(-2)                                                      # (n, Q): c = r - 1
+    return torch.nn.functional.pad(col[:, :-1], (1, 0))                   # (n, Q): a_0 never enters seg
+
+
+# long: one block's backward reads best as one piece: every gradient reuses the recomputed forward.
+def _block_bwd(dy, dS, x, dt, A, B, C, doc, before, S):
+    """Backward of `_block_fwd`: dy (n, Q, H, P), dS (b, H, P, N) the gradient of the outgoing
+    state -> (dx, ddt, dA, dB, dC, gradient of the incoming state)."""
+    n, Q, H, P = x.shape
+    G, N = B.shape[-2:]
+    R, b = H // G, S.shape[0]
+    dec = _Decays(dt * A, doc, before)
+    u = x * dt.unsqueeze(-1)                                                  # (n, Q, H, P)
+    S_in, _, wu = _states(u, B, dec, S, b)
+    Bt, Ct = B.transpose(1, 2), C.transpose(1, 2)                             # (n, G, Q, N)
+    S_g = S_in.view(n, G, R * P, N)
+    # The incoming state: y_i += din_i S_in C_i.
+    dyd = dy * _token_major(dec.din)                                     # (n, Q, H, P)
+    e = (_groups(dyd, G).transpose(-1, -2) @ Ct).reshape(b, n // b, H, P, N)
+    dS_out, dS = _reverse_pass(dS, e, dec.g.t().reshape(b, n // b, H))
+    dS_g = dS_out.view(n, G, R * P, N)
+    ddin = _heads(Ct @ S_g.transpose(-1, -2), H).mul_(dy).sum(-1)              # (n, Q, H)
+    dC = _groups(dyd, G) @ S_g                                                # (n, G, Q, N)
+    del dyd
+    # The chunk's state s = sum_j dout_j u_j B_j^T.
+    V = _heads(Bt @ dS_g.transpose(-1, -2), H)                                # (n, Q, H, P)
+    du = V * _token_major(dec.dout)                                           # (n, Q, H, P)
+    ddout = V.mul_(u).sum(-1) if V.is_contiguous() else (V * u).sum(-1)       # (n, Q, H)
+    del V
+    dB = _groups(wu, G) @ dS_g                                                # (n, G, Q, N)
+    dg = torch.linalg.vecdot(dS_out.view(n, H, -1), S_in.view(n, H, -1))     # (n, H)
+    # Inside the chunk, head by head: y = M u with M = Lm o CB.
+    CB = Ct @ Bt.transpose(-1, -2)                                            # (n, G, Q, Q)
+    dCB = torch.zeros_like(CB)
+    da = torch.empty(H, n, Q, dtype=torch.float64, device=x.device)
+    du_heads = torch.empty(H, n, Q, P, dtype=x.dtype, device=x.device)       # head-major: plain bmm outputs
+    for h in range(H):
+        Lm = dec.causal(h)                                                    # (n, Q, Q)
+        M = Lm * CB[:, h // R]
+        dM = dy[:, :, h] @ u[:, :, h].transpose(-1, -2)                       # (n, Q, Q)
+        torch.bmm(M.transpose(-1, -2), dy[:, :, h], out=du_heads[h])
+        dCB[:, h // R].addcmul_(dM, Lm)
+        da[h] = _seg_grad(dM.mul_(M))
+    du.add_(du_heads.permute(1, 2, 0, 3))
+    del du_heads
+    dC = dC.add_(dCB @ Bt)
+    dB = dB.add_(dCB.transpose(-1, -2) @ Ct)
+    # The factors din, dout, g through cs = cumsum(a) (float64: small tensors).
+    ddin_h, ddout_h = ddin.permute(2, 0, 1).double(), ddout.permute(2, 0, 1).double()   # (H, n, Q)
+    dcs = ddin_h * dec.din.double() - ddout_h * dec.dout.double()
+    dcs[..., -1] += (ddout_h * dec.dout.double()).sum(-1) + (dg.t() * dec.g).double()
+    da += torch.flip(torch.cumsum(torch.flip(dcs, [-1]), -1), [-1])
+    da = da.permute(1, 2, 0)                                                  # (n, Q, H)
+    ddt = (da * A.double()).to(x.dtype) + torch.linalg.vecdot(du, x)         # (n, Q, H)
+    dA = (da * dt.double()).sum((0, 1)).to(x.dtype)                           # (H,)
+    dx = du.mul_(dt.unsqueeze(-1))                                            # (n, Q, H, P)
+    return dx, ddt, dA, _heads_t(dB), _heads_t(dC), dS
+
+
+def _heads_t(t):
+    """(n, G, Q, N) -> (n, Q, G, N)."""
+    return t.transpose(1, 2)
 
 
 def _chunked(t, Q, value=0.0):
@@ -210,8 +311,20 @@ def _blocks(x, Q, N):
     return [slice(i, min(i + k, c)) for i in range(0, c, k)]
 
 
-def _doc_before(docs, blk):
-    return docs[:, 0, 0] if blk.start == 0 else docs[:, blk.start - 1, -1]
+def _merged(t, blk):
+    """Block `blk` of a chunked (b, c, Q, ...) tensor as (b K, Q, ...) (a view when it can be)."""
+    t = t[:, blk]
+    return t.reshape(-1, *t.shape[2:])
+
+
+def _block_docs(docs, blk):
+    """(doc (n, Q), counter before each chunk (n,)) for block `blk`, or (None, None)."""
+    if docs is None:
+        return None, None
+    d = docs[:, blk]                                                        # (b, K, Q)
+    first = docs[:, 0, :1] if blk.start == 0 else docs[:, blk.start - 1, -1:]   # (b, 1)
+    before = torch.cat([first, d[:, :-1, -1]], dim=1)                      # (b, K)
+    return d.reshape(-1, d.shape[-1]), before.reshape(-1)
 
 
 def ssd_chunked_fwd(x, dt, A, B, C, initial_states, doc, chunk_size):
@@ -225,69 +338,11 @@ def ssd_chunked_fwd(x, dt, A, B, C, initial_states, doc, chunk_size):
     S = x.new_zeros(b, H, P, N) if initial_states is None else initial_states.to(x.dtype)
     y = torch.empty_like(xs)                                               # (b, c, Q, H, P)
     for blk in _blocks(x, chunk_size, N):
-        d, before = (None, None) if docs is None else (docs[:, blk], _doc_before(docs, blk))
-        y[:, blk], S = _block_fwd(xs[:, blk], dts[:, blk], A, Bs[:, blk], Cs[:, blk], d, before, S)
+        d, before = _block_docs(docs, blk)
+        yb, S = _block_fwd(_merged(xs, blk), _merged(dts, blk), A, _merged(Bs, blk), _merged(Cs, blk),
+                           d, before, S)
+        y[:, blk] = yb.view(b, -1, *yb.shape[1:])
     return y.reshape(b, -1, H, P)[:, :L], S
-
-
-def _reverse_pass(dS, e, g):
-    """Adjoint of `_pass_states`: dS_out[k] = dS, then dS = g[k] dS + e[k]; returns (dS_out, dS)."""
-    dS_out = torch.empty_like(e)                                           # (b, K, H, P, N)
-    for k in reversed(range(e.shape[1])):
-        dS_out[:, k] = dS
-        dS = g[:, k, :, None, None] * dS + e[:, k]                         # (b, H, P, N)
-    return dS_out, dS
-
-
-def _cumsum_grad(dM, M, ddin, din, ddout, dout, dg, g):
-    """Gradient of the loss w.r.t. a = dt A (b, K, H, Q) from the gradients of the decay factors,
-    through cs = cumsum(a): dcs_i = sum_j dM M [i, j] - sum_j dM M [j, i] + ... (float64)."""
-    # Summed in float64: each dseg[i, j] enters row sum i and column sum j, and those cancel in the
-    # reverse cumsum for every pair on one side of position r; in float32 the cancellation leaves
-    # rounding noise of the size of all the terms, not of the result.
-    dseg = (dM * M).double()                                               # (b, K, H, Q, Q)
-    dcs = dseg.sum(-1) - dseg.sum(-2)                                      # (b, K, H, Q)
-    dcs = dcs + (ddin * din).double() - (ddout * dout).double()
-    dtot = (ddout * dout).double().sum(-1) + (dg * g).double()             # (b, K, H)
-    dcs[..., -1] += dtot
-    return torch.flip(torch.cumsum(torch.flip(dcs, [-1]), -1), [-1])      # (b, K, H, Q)
-
-
-# long: one block's backward reads best as one piece: every gradient reuses the recomputed forward.
-def _block_bwd(dy, dS, x, dt, A, B, C, doc, doc_before, S):
-    """Backward of `_block_fwd`: dy (b, K, Q, H, P), dS (b, H, P, N) the gradient of the outgoing
-    state -> (dx, ddt, dA, dB, dC, gradient of the incoming state)."""
-    b, K, Q, H, P = x.shape
-    G, N = B.shape[-2:]
-    S_in, _, (Lm, din, dout, g), u = _block_states(x, dt, A, B, doc, doc_before, S)
-    M, _ = _intra(Lm, B, C, G)
-    Bt, Ct = B.transpose(2, 3), C.transpose(2, 3)                          # (b, K, G, Q, N)
-    S_st = S_in.view(b, K, G, -1, N)                                       # (b, K, G, R*P, N)
-    dyd = _stack(dy * din.transpose(2, 3).unsqueeze(-1), G)                # (b, K, G, Q, R*P)
-    e = (dyd.transpose(-1, -2) @ Ct).view(b, K, H, P, N)                   # (b, K, H, P, N)
-    dS_out, dS = _reverse_pass(dS, e, g)
-    dS_st = dS_out.view(b, K, G, -1, N)                                    # (b, K, G, R*P, N)
-    # Inside the chunk: y = M u with M = Lm o CB.
-    dyh, uh = dy.transpose(2, 3), u.transpose(2, 3)                        # (b, K, H, Q, P)
-    dM = dyh @ uh.transpose(-1, -2)                                        # (b, K, H, Q, Q)
-    du = (M.transpose(-1, -2) @ dyh).transpose(2, 3)                       # (b, K, Q, H, P)
-    dCB = (dM * Lm).view(b, K, G, H // G, Q, Q).sum(3)                     # (b, K, G, Q, Q)
-    dC = dCB @ Bt + dyd @ S_st                                             # (b, K, G, Q, N)
-    # The incoming state's term y_i += din_i S_in C_i.
-    Ys = _unstack(Ct @ S_st.transpose(-1, -2), H)                          # (b, K, Q, H, P)
-    ddin = (dy * Ys).sum(-1).transpose(2, 3)                               # (b, K, H, Q)
-    # The chunk's state s = sum_j dout_j u_j B_j^T.
-    V = _unstack(Bt @ dS_st.transpose(-1, -2), H)                          # (b, K, Q, H, P)
-    doutq = dout.transpose(2, 3).unsqueeze(-1)                             # (b, K, Q, H, 1)
-    du = du + V * doutq
-    ddout = (u * V).sum(-1).transpose(2, 3)                                # (b, K, H, Q)
-    dB = dCB.transpose(-1, -2) @ Ct + _stack(u * doutq, G) @ dS_st         # (b, K, G, Q, N)
-    dg = (dS_out * S_in).sum((-1, -2))                                     # (b, K, H)
-    da = _cumsum_grad(dM, M, ddin, din, ddout, dout, dg, g).transpose(2, 3)  # (b, K, Q, H)
-    ddt = (da * A.double()).to(x.dtype) + (du * x).sum(-1)                 # (b, K, Q, H)
-    dA = (da * dt.double()).sum((0, 1, 2)).to(x.dtype)                     # (H,)
-    dx = du * dt.unsqueeze(-1)                                             # (b, K, Q, H, P)
-    return dx, ddt, dA, dB.transpose(2, 3), dC.transpose(2, 3), dS
 
 
 def ssd_chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size):
@@ -303,18 +358,20 @@ def ssd_chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size)
     S = x.new_zeros(b, H, P, N) if initial_states is None else initial_states.to(x.dtype)
     starts = [S]
     for blk in blocks[:-1]:
-        d, before = (None, None) if docs is None else (docs[:, blk], _doc_before(docs, blk))
-        S = _block_states(xs[:, blk], dts[:, blk], A, Bs[:, blk], d, before, S)[1]
+        d, before = _block_docs(docs, blk)
+        dt_b = _merged(dts, blk)
+        dec = _Decays(dt_b * A, d, before)
+        S = _states(_merged(xs, blk) * dt_b.unsqueeze(-1), _merged(Bs, blk), dec, S, b)[1]
         starts.append(S)
     grads = [torch.empty_like(t) for t in (xs, dts, Bs, Cs)]
     dA = A.new_zeros(H, dtype=x.dtype)
     dS = dfinal.to(x.dtype)
     for blk, S in reversed(list(zip(blocks, starts))):
-        d, before = (None, None) if docs is None else (docs[:, blk], _doc_before(docs, blk))
-        dx, ddt, dA_blk, dB, dC, dS = _block_bwd(dys[:, blk], dS, xs[:, blk], dts[:, blk], A, Bs[:, blk],
-                                                  Cs[:, blk], d, before, S)
+        d, before = _block_docs(docs, blk)
+        dx, ddt, dA_blk, dB, dC, dS = _block_bwd(_merged(dys, blk), dS, _merged(xs, blk), _merged(dts, blk), A,
+                                                  _merged(Bs, blk), _merged(Cs, blk), d, before, S)
         for grad, part in zip(grads, (dx, ddt, dB, dC)):
-            grad[:, blk] = part
+            grad[:, blk] = part.reshape(b, -1, *part.shape[1:])
         dA = dA + dA_blk
     dx, ddt, dB, dC = (t.reshape(b, -1, *t.shape[3:])[:, :L] for t in grads)
     return dx, ddt, dA, dB, dC, dS

@@ -170,6 +170,20 @@ def test_float32_within_budget(N, Q):
         assert_within_budget(fast[2][k], plain[2][k], truth[2][k], name=f"grad {k}")
 
 
+def test_float32_within_budget_under_steep_decay():
+    """Decays that sum to hundreds inside one chunk: seg = cs_i - cs_j must keep an error relative
+    to itself (cs formed in float32 alone would put errors of ulp(|cs|) ~ 3e-5 into every factor)."""
+    t = make_inputs(1, 64, 2, 4, 1, 8)
+    t["A"] = -(torch.rand(2, dtype=torch.float64) * 8 + 8)      # A in [-16, -8]
+    t["dt"] = torch.rand(1, 64, 2, dtype=torch.float64) * 2 - 3   # dt = softplus(raw + bias) ~ 0.1..0.9
+    truth = run(sequential, t, dt_softplus=True)
+    t32 = {k: None if v is None else v.float() for k, v in t.items()}
+    fast, plain = run(chunked, t32, chunk_size=64, dt_softplus=True), run(sequential, t32, dt_softplus=True)
+    assert_within_budget(fast[0], plain[0], truth[0], name="y")
+    for k in truth[2]:
+        assert_within_budget(fast[2][k], plain[2][k], truth[2][k], name=f"grad {k}")
+
+
 def test_bfloat16_runs_in_float32():
     t = {k: None if v is None else v.float() for k, v in make_inputs(1, 10, 2, 4, 1, 8).items()}
     y, final = chunked({**t, "x": t["x"].bfloat16(), "z": t["z"].bfloat16()}, chunk_size=4)
