@@ -44,16 +44,22 @@ def _taps(L: int, W: int, off: int):
 
 
 def _pre(window, off, L, weight, bias, masks):
-    """conv(x) before the SiLU: (B, L, C)."""
+    """conv(x) before the SiLU: (B, L, C). The tap at t itself (back = 0) covers every t and is
+    never masked: it makes the output (with the bias) in one pass, the others are added to it."""
     W = weight.shape[1]
-    pre = window.new_zeros(window.shape[0], L, window.shape[2])        # (B, L, C)
-    if bias is not None:
-        pre += bias.to(window.dtype)
-    for k, back, lo, src in _taps(L, W, off):
-        term = window[:, src] * weight[:, k].to(window.dtype)         # (B, L - lo, C)
-        if masks is not None:
-            term *= masks[back][:, lo:]
-        pre[:, lo:] += term
+    taps = list(_taps(L, W, off))
+    k, _, _, src = taps[0]
+    w = weight[:, k].to(window.dtype)
+    if bias is None:
+        pre = torch.mul(window[:, src], w)                             # (B, L, C)
+    else:
+        pre = torch.addcmul(bias.to(window.dtype), window[:, src], w)  # (B, L, C)
+    for k, back, lo, src in taps[1:]:
+        w = weight[:, k].to(window.dtype)                              # (C,)
+        if masks is None:
+            pre[:, lo:].addcmul_(window[:, src], w)
+        else:
+            pre[:, lo:].addcmul_(window[:, src] * w, masks[back][:, lo:])
     return pre
 
 
@@ -72,10 +78,8 @@ class _CausalConvSiLU(torch.autograd.Function):
         L, W = x.shape[1], weight.shape[1]
         window, off = _window(x, state)
         pre = _pre(window, off, L, weight, bias, masks)                # (B, L, C)
-        sig = torch.sigmoid(pre)
-        # silu'(p) = s (1 + p (1 - s)), s = sigmoid(p)
-        g = pre.mul_(sig.neg().add_(1)).add_(1).mul_(sig).mul_(gout)   # (B, L, C)
-        del sig
+        g = torch.ops.aten.silu_backward(gout, pre)                     # (B, L, C): gout silu'(pre)
+        del pre
         dwin = torch.zeros_like(window) if ctx.needs_input_grad[0] or ctx.needs_input_grad[3] else None
         dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for k, back, lo, src in _taps(L, W, off):

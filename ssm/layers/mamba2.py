@@ -50,10 +50,11 @@ class _GatedRMSNormFn(torch.autograd.Function):
         gate = F.silu(z.to(f))                                        # (..., d)
         h = y.to(f) if norm_before_gate else y.to(f) * gate
         g = h.unflatten(-1, (-1, group_size))                         # (..., groups, group_size)
-        r = torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)        # (..., groups, 1)
-        out = (g * r).flatten(-2) * weight.to(f)
+        ms = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(group_size)
+        r = ms.add_(eps).rsqrt_()                                     # (..., groups, 1)
+        out = (g * r).flatten(-2).mul_(weight.to(f))
         if norm_before_gate:
-            out = out * gate
+            out = out.mul_(gate)
         ctx.save_for_backward(y, z, weight, r)
         ctx.group_size, ctx.norm_before_gate = group_size, norm_before_gate
         return out.to(y.dtype)
@@ -63,21 +64,21 @@ class _GatedRMSNormFn(torch.autograd.Function):
     def backward(ctx, gout):
         y, z, weight, r = ctx.saved_tensors
         f = torch.promote_types(y.dtype, torch.float32)
-        zf, yf, w = z.to(f), y.to(f), weight.to(f)
-        sig = torch.sigmoid(zf)
-        gate = zf * sig                                               # silu(z)
-        dgate = sig.mul_(zf.mul(1 - sig).add_(1))                     # silu'(z) = s (1 + z (1 - s))
+        zf, yf, w, gs = z.to(f), y.to(f), weight.to(f), ctx.group_size
+        gate = F.silu(zf)
         h = yf if ctx.norm_before_gate else yf * gate
-        n = (h.unflatten(-1, (-1, ctx.group_size)) * r).flatten(-2)   # (..., d): normalized h
+        n = h.unflatten(-1, (-1, gs)) * r                              # (..., groups, gs): normalized h
         go = gout.to(f) * gate if ctx.norm_before_gate else gout.to(f)
-        dw = (go * n).flatten(0, -2).sum(0)                           # (d,)
-        gn = (go * w).unflatten(-1, (-1, ctx.group_size))             # (..., groups, group_size)
-        nn_ = n.unflatten(-1, (-1, ctx.group_size))
-        dh = ((gn - nn_ * (gn * nn_).mean(-1, keepdim=True)) * r).flatten(-2)   # (..., d)
+        dw = (go * n.flatten(-2)).flatten(0, -2).sum(0)               # (d,)
+        gn = (go * w).unflatten(-1, (-1, gs))                         # (..., groups, gs)
+        m = torch.linalg.vecdot(gn, n).div_(gs).unsqueeze(-1)         # (..., groups, 1)
+        dh = gn.addcmul_(n, m, value=-1).mul_(r).flatten(-2)          # (..., d)
+        silu_grad = torch.ops.aten.silu_backward                     # (g, z) -> g silu'(z)
         if ctx.norm_before_gate:
-            dy, dz = dh, gout.to(f) * n * w * dgate
+            dy, dz = dh, silu_grad(n.flatten(-2).mul_(w).mul_(gout.to(f)), zf)
         else:
-            dy, dz = dh * gate, dh * yf * dgate
+            dz = silu_grad(yf * dh, zf)
+            dy = dh.mul_(gate)
         return dy.to(y.dtype), dz.to(z.dtype), dw.to(weight.dtype), None, None, None
 
 
