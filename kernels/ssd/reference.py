@@ -176,12 +176,12 @@ def _pass_states(S, s, g):
     return S_in, S
 
 
-def _states(u, B, dec, S, b):
-    """Chunk states s = sum_j dout_j u_j B_j^T and the incoming state of every chunk.
-    Returns (S_in (n, H, P, N), outgoing S (b, H, P, N), wu = u dout (n, Q, H, P))."""
-    n, Q, H, P = u.shape
+def _states(x, dt, B, dec, S, b):
+    """Chunk states s = sum_j dout_j dt_j x_j B_j^T and the incoming state of every chunk.
+    Returns (S_in (n, H, P, N), outgoing S (b, H, P, N), wu = x dt dout (n, Q, H, P))."""
+    n, Q, H, P = x.shape
     G, N = B.shape[-2:]
-    wu = u * _token_major(dec.dout)                                      # (n, Q, H, P)
+    wu = x * _token_major(dec.dout * dt.permute(2, 0, 1))                    # (n, Q, H, P)
     s = _groups(wu, G).transpose(-1, -2) @ B.transpose(1, 2)                 # (n, G, R P, N)
     g = dec.g.t().reshape(b, n // b, H)                                        # (b, K, H)
     S_in, S = _pass_states(S, s.reshape(b, n // b, H, P, N), g)
@@ -195,17 +195,16 @@ def _block_fwd(x, dt, A, B, C, doc, before, S):
     G, N = B.shape[-2:]
     R = H // G
     dec = _Decays(dt * A, doc, before)
-    u = x * dt.unsqueeze(-1)                                                  # (n, Q, H, P)
-    S_in, S, _ = _states(u, B, dec, S, S.shape[0])
+    S_in, S, _ = _states(x, dt, B, dec, S, S.shape[0])
     Ct = C.transpose(1, 2)                                                    # (n, G, Q, N)
-    y = _heads(Ct @ S_in.view(n, G, R * P, N).transpose(-1, -2), H)          # (n, Q, H, P)
-    y = y.mul_(_token_major(dec.din)) if y.is_contiguous() else y * _token_major(dec.din)
     CB = Ct @ B.permute(0, 2, 3, 1)                                           # (n, G, Q, Q)
+    dt_h = dt.permute(2, 0, 1).unsqueeze(-2)                                  # (H, n, 1, Q)
     y_heads = torch.empty(H, n, Q, P, dtype=x.dtype, device=x.device)        # head-major: plain bmm outputs
     for h in range(H):
-        M = dec.causal(h).mul_(CB[:, h // R])                                 # (n, Q, Q)
-        torch.bmm(M, u[:, :, h], out=y_heads[h])
-    return y.add_(y_heads.permute(1, 2, 0, 3)), S
+        M = dec.causal(h).mul_(CB[:, h // R]).mul_(dt_h[h])                  # (n, Q, Q), u = dt x folded in
+        torch.bmm(M, x[:, :, h], out=y_heads[h])
+    Ys = _heads(Ct @ S_in.view(n, G, R * P, N).transpose(-1, -2), H)         # (n, Q, H, P)
+    return torch.addcmul(y_heads.permute(1, 2, 0, 3), Ys, _token_major(dec.din)), S
 
 
 def _reverse_pass(dS, e, g):
@@ -233,47 +232,48 @@ def _block_bwd(dy, dS, x, dt, A, B, C, doc, before, S):
     G, N = B.shape[-2:]
     R, b = H // G, S.shape[0]
     dec = _Decays(dt * A, doc, before)
-    u = x * dt.unsqueeze(-1)                                                  # (n, Q, H, P)
-    S_in, _, wu = _states(u, B, dec, S, b)
+    S_in, _, wu = _states(x, dt, B, dec, S, b)
     Bt, Ct = B.transpose(1, 2), C.transpose(1, 2)                             # (n, G, Q, N)
     S_g = S_in.view(n, G, R * P, N)
     # The incoming state: y_i += din_i S_in C_i.
-    dyd = dy * _token_major(dec.din)                                     # (n, Q, H, P)
+    dyd = dy * _token_major(dec.din)                                          # (n, Q, H, P)
     e = (_groups(dyd, G).transpose(-1, -2) @ Ct).reshape(b, n // b, H, P, N)
     dS_out, dS = _reverse_pass(dS, e, dec.g.t().reshape(b, n // b, H))
     dS_g = dS_out.view(n, G, R * P, N)
-    ddin = _heads(Ct @ S_g.transpose(-1, -2), H).mul_(dy).sum(-1)              # (n, Q, H)
+    ddin = torch.linalg.vecdot(_heads(Ct @ S_g.transpose(-1, -2), H), dy)     # (n, Q, H)
     dC = _groups(dyd, G) @ S_g                                                # (n, G, Q, N)
     del dyd
-    # The chunk's state s = sum_j dout_j u_j B_j^T.
+    # The chunk's state s = sum_j dout_j u_j B_j^T, u = dt x.
     V = _heads(Bt @ dS_g.transpose(-1, -2), H)                                # (n, Q, H, P)
-    du = V * _token_major(dec.dout)                                           # (n, Q, H, P)
-    ddout = V.mul_(u).sum(-1) if V.is_contiguous() else (V * u).sum(-1)       # (n, Q, H)
-    del V
+    xV = torch.linalg.vecdot(V, x)                                            # (n, Q, H): ddout / dt
     dB = _groups(wu, G) @ dS_g                                                # (n, G, Q, N)
+    del wu
     dg = torch.linalg.vecdot(dS_out.view(n, H, -1), S_in.view(n, H, -1))     # (n, H)
-    # Inside the chunk, head by head: y = M u with M = Lm o CB.
+    # Inside the chunk, head by head: y = M u with M = Lm o CB; dM = dy u^T, du = M^T dy.
     CB = Ct @ Bt.transpose(-1, -2)                                            # (n, G, Q, Q)
     dCB = torch.zeros_like(CB)
     da = torch.empty(H, n, Q, dtype=torch.float64, device=x.device)
+    dt_h = dt.permute(2, 0, 1).unsqueeze(-2)                                  # (H, n, 1, Q)
     du_heads = torch.empty(H, n, Q, P, dtype=x.dtype, device=x.device)       # head-major: plain bmm outputs
     for h in range(H):
         Lm = dec.causal(h)                                                    # (n, Q, Q)
         M = Lm * CB[:, h // R]
-        dM = dy[:, :, h] @ u[:, :, h].transpose(-1, -2)                       # (n, Q, Q)
+        dM = (dy[:, :, h] @ x[:, :, h].transpose(-1, -2)).mul_(dt_h[h])       # (n, Q, Q)
         torch.bmm(M.transpose(-1, -2), dy[:, :, h], out=du_heads[h])
         dCB[:, h // R].addcmul_(dM, Lm)
         da[h] = _seg_grad(dM.mul_(M))
-    du.add_(du_heads.permute(1, 2, 0, 3))
-    del du_heads
     dC = dC.add_(dCB @ Bt)
     dB = dB.add_(dCB.transpose(-1, -2) @ Ct)
+    du = torch.addcmul(du_heads.permute(1, 2, 0, 3), V, _token_major(dec.dout))   # (n, Q, H, P)
+    del du_heads, V
     # The factors din, dout, g through cs = cumsum(a) (float64: small tensors).
+    ddout = xV * dt                                                           # (n, Q, H)
     ddin_h, ddout_h = ddin.permute(2, 0, 1).double(), ddout.permute(2, 0, 1).double()   # (H, n, Q)
     dcs = ddin_h * dec.din.double() - ddout_h * dec.dout.double()
     dcs[..., -1] += (ddout_h * dec.dout.double()).sum(-1) + (dg.t() * dec.g).double()
     da += torch.flip(torch.cumsum(torch.flip(dcs, [-1]), -1), [-1])
     da = da.permute(1, 2, 0)                                                  # (n, Q, H)
+    # u = dt x: ddt gets x . du, plus xV dout from the chunk state's own dependence on u.
     ddt = (da * A.double()).to(x.dtype) + torch.linalg.vecdot(du, x)         # (n, Q, H)
     dA = (da * dt.double()).sum((0, 1)).to(x.dtype)                           # (H,)
     dx = du.mul_(dt.unsqueeze(-1))                                            # (n, Q, H, P)
@@ -361,7 +361,7 @@ def ssd_chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size)
         d, before = _block_docs(docs, blk)
         dt_b = _merged(dts, blk)
         dec = _Decays(dt_b * A, d, before)
-        S = _states(_merged(xs, blk) * dt_b.unsqueeze(-1), _merged(Bs, blk), dec, S, b)[1]
+        S = _states(_merged(xs, blk), dt_b, _merged(Bs, blk), dec, S, b)[1]
         starts.append(S)
     grads = [torch.empty_like(t) for t in (xs, dts, Bs, Cs)]
     dA = A.new_zeros(H, dtype=x.dtype)

@@ -6,9 +6,8 @@ multiply-adds along L instead of `F.conv1d` on (B, C, L). On the CPU the depthwi
 backward cost several times the work (the Mamba-2 layer's in_proj output is channels-last, so the
 old path also paid two transposing copies and a SiLU backward on a strided tensor).
 
-The backward keeps only x (usually a view of the in_proj output, alive anyway), the small state and
-the weights: it recomputes the pre-activation (W multiply-adds), so the layer's peak memory does not
-grow by a (B, L, C) tensor.
+The backward keeps x (usually a view of the in_proj output, alive anyway), the small state, the
+weights and the pre-activation (one (B, L, C) tensor; recomputing it cost more than its memory).
 """
 from __future__ import annotations
 
@@ -68,23 +67,24 @@ class _CausalConvSiLU(torch.autograd.Function):
     def forward(ctx, x, weight, bias, state, masks):
         window, off = _window(x, state)
         pre = _pre(window, off, x.shape[1], weight, bias, masks)
-        ctx.save_for_backward(x, weight, bias, state, masks)
+        ctx.save_for_backward(x, weight, bias, state, masks, pre)
         return torch.nn.functional.silu(pre)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
-        x, weight, bias, state, masks = ctx.saved_tensors
+        x, weight, bias, state, masks, pre = ctx.saved_tensors
         L, W = x.shape[1], weight.shape[1]
         window, off = _window(x, state)
-        pre = _pre(window, off, L, weight, bias, masks)                # (B, L, C)
         g = torch.ops.aten.silu_backward(gout, pre)                     # (B, L, C): gout silu'(pre)
-        del pre
-        dwin = torch.zeros_like(window) if ctx.needs_input_grad[0] or ctx.needs_input_grad[3] else None
+        need_dwin = ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
+        dwin = torch.zeros_like(window) if need_dwin and off else None
         dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for k, back, lo, src in _taps(L, W, off):
             gk = g[:, lo:] if masks is None else g[:, lo:] * masks[back][:, lo:]   # (B, L - lo, C)
-            if dwin is not None:
+            if need_dwin and dwin is None:                             # back = 0 without a state: every t
+                dwin = gk * weight[:, k].to(g.dtype)
+            elif need_dwin:
                 dwin[:, src].addcmul_(gk, weight[:, k].to(g.dtype))
             if dw is not None:
                 dw[:, k] = (gk * window[:, src]).sum((0, 1)).to(dw.dtype)
