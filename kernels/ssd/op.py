@@ -6,8 +6,8 @@ Two custom ops on the canonical shapes of `ssd_chunked_fwd` (`reference.py`), ba
   -> (dx, ddt, dA, dB, dC, dinitial_states)` (dinitial_states is zeros-shaped when there is none)
 dt is the transformed step (the public function applies bias, softplus and clamp, and the D skip
 and z gate, with plain torch ops). `saved` is what the backward keeps from the forward: for
-backend "triton" one state per chunk_size tokens (b, K, H, P, N) (`triton_ssd.py`); the chunked
-path recomputes instead and returns an empty tensor. Both ops have fake implementations;
+backend "triton" one state per chunk_size tokens (b, K, H, P, N) (`triton_ssd.py`); for the chunked
+path the state entering each block of chunks (n_blocks, b, H, P, N) (`reference.saved_blocks`). Both ops have fake implementations;
 the forward's autograd formula calls the backward op, so compiled graphs keep both opaque.
 Triton is imported only when the Triton backend runs.
 """
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from kernels.ssd.reference import ssd_chunked_bwd, ssd_chunked_fwd
+from kernels.ssd.reference import saved_blocks, ssd_chunked_bwd, ssd_chunked_fwd
 
 
 @torch.library.custom_op("ssmkit::ssd", mutates_args=())
@@ -28,16 +28,17 @@ def ssd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
         from kernels.ssd.triton_ssd import ssd_fwd_triton
         y, final, saved = ssd_fwd_triton(x, dt, A, B, C, initial_states, doc, chunk_size)
     else:
-        (y, final), saved = ssd_chunked_fwd(x, dt, A, B, C, initial_states, doc, chunk_size), x.new_empty(0)
+        y, final, saved = ssd_chunked_fwd(x, dt, A, B, C, initial_states, doc, chunk_size)
     return y.to(x.dtype).contiguous(), final.to(x.dtype).contiguous(), saved.contiguous()
 
 
 def _saved_shape(x, B, chunk_size, backend):
-    if backend != "triton":
-        return (0,)
-    from kernels.ssd.triton_ssd import saved_chunks
     b, L, H, P = x.shape
-    return (b, saved_chunks(L, chunk_size), H, P, B.shape[-1])
+    N = B.shape[-1]
+    if backend != "triton":
+        return (saved_blocks(b, L, H, P, N, chunk_size), b, H, P, N)
+    from kernels.ssd.triton_ssd import saved_chunks
+    return (b, saved_chunks(L, chunk_size), H, P, N)
 
 
 @ssd_op.register_fake
@@ -57,7 +58,7 @@ def ssd_backward_op(dy: torch.Tensor, dfinal: torch.Tensor, saved: torch.Tensor,
         from kernels.ssd.triton_ssd import ssd_bwd_triton
         grads = ssd_bwd_triton(dy, dfinal, saved, x, dt, A, B, C, initial_states, doc, chunk_size)
     else:
-        grads = ssd_chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size)
+        grads = ssd_chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size, saved)
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (x, dt, A, B, C, dfinal)))
 
 

@@ -327,49 +327,61 @@ def _block_docs(docs, blk):
     return d.reshape(-1, d.shape[-1]), before.reshape(-1)
 
 
+def saved_blocks(b, L, H, P, N, chunk_size) -> int:
+    """How many block-start states `ssd_chunked_fwd` returns for these shapes."""
+    Q = min(chunk_size, MAX_CHUNK)
+    c = -(-L // Q)
+    k = chunks_per_block(b, H, Q, P, N)
+    return -(-c // k)
+
+
 def ssd_chunked_fwd(x, dt, A, B, C, initial_states, doc, chunk_size):
     """The scan y_t = S_t C_t by chunks: x (b, L, H, P), dt (b, L, H) (already transformed), A (H,),
     B, C (b, L, G, N), initial_states (b, H, P, N) or None, doc (b, L) int64 counter or None.
-    Returns (y (b, L, H, P), final state (b, H, P, N)). No autograd."""
+    Returns (y (b, L, H, P), final state (b, H, P, N), the state entering each block
+    (`saved_blocks`, b, H, P, N), which spares the backward a forward sweep). No autograd."""
     b, L, H, P = x.shape
     N = B.shape[-1]
     chunk_size = min(chunk_size, MAX_CHUNK)
     xs, dts, Bs, Cs, docs = _canonical(x, dt, B, C, doc, chunk_size)
     S = x.new_zeros(b, H, P, N) if initial_states is None else initial_states.to(x.dtype)
     y = torch.empty_like(xs)                                               # (b, c, Q, H, P)
+    starts = []
     for blk in _blocks(x, chunk_size, N):
+        starts.append(S)
         d, before = _block_docs(docs, blk)
         yb, S = _block_fwd(_merged(xs, blk), _merged(dts, blk), A, _merged(Bs, blk), _merged(Cs, blk),
                            d, before, S)
         y[:, blk] = yb.view(b, -1, *yb.shape[1:])
-    return y.reshape(b, -1, H, P)[:, :L], S
+    return y.reshape(b, -1, H, P)[:, :L], S, torch.stack(starts)
 
 
-def ssd_chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size):
+def ssd_chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size, starts=None):
     """Gradients of <dy, y> + <dfinal, final> from `ssd_chunked_fwd` w.r.t. x, dt, A, B, C and the
-    initial state (zeros when it is None). First a forward sweep keeps only the state entering
-    each block; then the blocks run backward, each recomputed from its incoming state."""
+    initial state (zeros when it is None). The blocks run backward, each recomputed from its
+    incoming state: `starts` as the forward returned them, or (None) from a forward sweep here."""
     b, L, H, P = x.shape
     N = B.shape[-1]
     Q = min(chunk_size, MAX_CHUNK)
     xs, dts, Bs, Cs, docs = _canonical(x, dt, B, C, doc, Q)
     dys = _chunked(dy.to(x.dtype), Q)
     blocks = _blocks(x, Q, N)
-    S = x.new_zeros(b, H, P, N) if initial_states is None else initial_states.to(x.dtype)
-    starts = [S]
-    for blk in blocks[:-1]:
-        d, before = _block_docs(docs, blk)
-        dt_b = _merged(dts, blk)
-        dec = _Decays(dt_b * A, d, before)
-        S = _states(_merged(xs, blk), dt_b, _merged(Bs, blk), dec, S, b)[1]
-        starts.append(S)
+    if starts is None or starts.shape[0] != len(blocks):
+        S = x.new_zeros(b, H, P, N) if initial_states is None else initial_states.to(x.dtype)
+        starts = [S]
+        for blk in blocks[:-1]:
+            d, before = _block_docs(docs, blk)
+            dt_b = _merged(dts, blk)
+            dec = _Decays(dt_b * A, d, before)
+            S = _states(_merged(xs, blk), dt_b, _merged(Bs, blk), dec, S, b)[1]
+            starts.append(S)
     grads = [torch.empty_like(t) for t in (xs, dts, Bs, Cs)]
     dA = A.new_zeros(H, dtype=x.dtype)
     dS = dfinal.to(x.dtype)
     for blk, S in reversed(list(zip(blocks, starts))):
         d, before = _block_docs(docs, blk)
         dx, ddt, dA_blk, dB, dC, dS = _block_bwd(_merged(dys, blk), dS, _merged(xs, blk), _merged(dts, blk), A,
-                                                  _merged(Bs, blk), _merged(Cs, blk), d, before, S)
+                                                  _merged(Bs, blk), _merged(Cs, blk), d, before, S.to(x.dtype))
         for grad, part in zip(grads, (dx, ddt, dB, dC)):
             grad[:, blk] = part.reshape(b, -1, *part.shape[1:])
         dA = dA + dA_blk

@@ -106,6 +106,23 @@ def test_several_blocks(budget, monkeypatch):
     compare(run(chunked, t, chunk_size=6, **kw), run(sequential, t, **kw), f"budget={budget}")
 
 
+def test_backward_without_saved_block_states_sweeps_forward(monkeypatch):
+    """The backward recomputes the block-start states itself when the forward's are not given:
+    same gradients as with them (and those are checked against the definition above)."""
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 1)
+    t = make_inputs(2, 21, 2, 3, 1, 4)
+    x, B, C, S0 = t["x"], t["B"], t["C"], t["initial_states"]
+    dt = torch.rand(2, 21, 2, dtype=torch.float64) * 0.5
+    doc = torch.tensor([[0] * 9 + [1] * 12, [0] * 21])
+    y, final, starts = reference.ssd_chunked_fwd(x, dt, t["A"], B, C, S0, doc, 4)
+    assert starts.shape[0] == reference.saved_blocks(2, 21, 2, 3, 4, 4) == 6
+    dy, dfinal = torch.randn_like(y), torch.randn_like(final)
+    with_saved = reference.ssd_chunked_bwd(dy, dfinal, x, dt, t["A"], B, C, S0, doc, 4, starts)
+    swept = reference.ssd_chunked_bwd(dy, dfinal, x, dt, t["A"], B, C, S0, doc, 4)
+    for name, a, e in zip(("x", "dt", "A", "B", "C", "initial state"), with_saved, swept):
+        assert_close(a, e, name=name)
+
+
 def packed_documents(lengths, H=2, P=3, G=1, N=4):
     t = make_inputs(1, sum(lengths), H, P, G, N)
     labels = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]   # (1, L)
