@@ -98,9 +98,14 @@ BLOCK_ELEMENTS = 1 << 20
 MAX_CHUNK = 64
 
 
+# At least this many (batch row, chunk) pairs per block, whatever BLOCK_ELEMENTS says: the per-head
+# Q x Q matrices are built in a Python loop over heads, which must stay cheap next to their work.
+MIN_ROWS = 16
+
+
 def chunks_per_block(b: int, H: int, Q: int, P: int, N: int) -> int:
     per_chunk = b * H * (Q * max(Q, P) + P * N)
-    return max(1, BLOCK_ELEMENTS // per_chunk)
+    return max(1, -(-MIN_ROWS // b), BLOCK_ELEMENTS // per_chunk)
 
 
 # Layout inside a block of K chunks: the batch and chunk axes merged into one, n = b K. Token-major
@@ -168,12 +173,13 @@ def _token_major(t):
 
 def _pass_states(S, s, g):
     """Scan over the K chunks of each row: S_in[k] = S, then S = g[k] S + s[k].
-    S (b, H, P, N), s (b, K, H, P, N), g (b, K, H) -> (S_in (b, K, H, P, N), S)."""
-    S_in = torch.empty_like(s)
+    S (b, H, P, N), s (b, K, H, P, N) (overwritten by S_in: no second buffer of that size),
+    g (b, K, H) -> (S_in (b, K, H, P, N), S)."""
     for k in range(s.shape[1]):
-        S_in[:, k] = S
-        S = torch.addcmul(s[:, k], g[:, k, :, None, None], S)                # (b, H, P, N)
-    return S_in, S
+        nxt = torch.addcmul(s[:, k], g[:, k, :, None, None], S)             # (b, H, P, N)
+        s[:, k] = S
+        S = nxt
+    return s, S
 
 
 def _states(x, dt, B, dec, S, b):
@@ -188,9 +194,10 @@ def _states(x, dt, B, dec, S, b):
     return S_in.view(n, H, P, N), S, wu
 
 
-def _block_fwd(x, dt, A, B, C, doc, before, S):
+def _block_fwd(x, dt, A, B, C, doc, before, S, out=None):
     """One block: x (n, Q, H, P), dt (n, Q, H), B, C (n, Q, G, N), doc (n, Q) or None, before (n,),
-    incoming S (b, H, P, N) -> (y (n, Q, H, P), outgoing S)."""
+    incoming S (b, H, P, N) -> (y (n, Q, H, P), outgoing S); y is written into `out` (b, K, Q, H, P)
+    when that is contiguous."""
     n, Q, H, P = x.shape
     G, N = B.shape[-2:]
     R = H // G
@@ -204,16 +211,20 @@ def _block_fwd(x, dt, A, B, C, doc, before, S):
         M = dec.causal(h).mul_(CB[:, h // R]).mul_(dt_h[h])                  # (n, Q, Q), u = dt x folded in
         torch.bmm(M, x[:, :, h], out=y_heads[h])
     Ys = _heads(Ct @ S_in.view(n, G, R * P, N).transpose(-1, -2), H)         # (n, Q, H, P)
-    return torch.addcmul(y_heads.permute(1, 2, 0, 3), Ys, _token_major(dec.din)), S
+    if out is None or not out.is_contiguous():
+        return torch.addcmul(y_heads.permute(1, 2, 0, 3), Ys, _token_major(dec.din)), S
+    torch.addcmul(y_heads.permute(1, 2, 0, 3), Ys, _token_major(dec.din), out=out.view(n, Q, H, P))
+    return out, S
 
 
 def _reverse_pass(dS, e, g):
-    """Adjoint of `_pass_states`: dS_out[k] = dS, then dS = g[k] dS + e[k]; returns (dS_out, dS)."""
-    dS_out = torch.empty_like(e)                                           # (b, K, H, P, N)
+    """Adjoint of `_pass_states`: dS_out[k] = dS, then dS = g[k] dS + e[k]; returns (dS_out, dS)
+    (dS_out overwrites e)."""
     for k in reversed(range(e.shape[1])):
-        dS_out[:, k] = dS
-        dS = torch.addcmul(e[:, k], g[:, k, :, None, None], dS)            # (b, H, P, N)
-    return dS_out, dS
+        nxt = torch.addcmul(e[:, k], g[:, k, :, None, None], dS)            # (b, H, P, N)
+        e[:, k] = dS
+        dS = nxt
+    return e, dS
 
 
 def _seg_grad(dseg):
@@ -351,8 +362,9 @@ def ssd_chunked_fwd(x, dt, A, B, C, initial_states, doc, chunk_size):
         starts.append(S)
         d, before = _block_docs(docs, blk)
         yb, S = _block_fwd(_merged(xs, blk), _merged(dts, blk), A, _merged(Bs, blk), _merged(Cs, blk),
-                           d, before, S)
-        y[:, blk] = yb.view(b, -1, *yb.shape[1:])
+                           d, before, S, out=y[:, blk])
+        if yb.data_ptr() != y[:, blk].data_ptr():
+            y[:, blk] = yb.view(b, -1, *yb.shape[1:])
     return y.reshape(b, -1, H, P)[:, :L], S, torch.stack(starts)
 
 

@@ -100,6 +100,7 @@ def test_negative_dt_is_clamped_to_zero():
 def test_several_blocks(budget, monkeypatch):
     # A tiny element budget gives one chunk per block, so the sweeps across blocks are exercised.
     monkeypatch.setattr(reference, "BLOCK_ELEMENTS", budget)
+    monkeypatch.setattr(reference, "MIN_ROWS", 1)
     t = make_inputs(2, 45, 2, 3, 1, 4)
     seq_idx = torch.tensor([[0] * 20 + [1] * 25, [3] * 7 + [0] * 38])
     kw = dict(dt_softplus=True, seq_idx=seq_idx)
@@ -110,6 +111,7 @@ def test_backward_without_saved_block_states_sweeps_forward(monkeypatch):
     """The backward recomputes the block-start states itself when the forward's are not given:
     same gradients as with them (and those are checked against the definition above)."""
     monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(reference, "MIN_ROWS", 1)
     t = make_inputs(2, 21, 2, 3, 1, 4)
     x, B, C, S0 = t["x"], t["B"], t["C"], t["initial_states"]
     dt = torch.rand(2, 21, 2, dtype=torch.float64) * 0.5

@@ -63,6 +63,7 @@ def separate(t, lengths, gy, gs):
 def test_packed_equals_separate_runs(fn, lengths, budget, monkeypatch):
     if budget is not None:
         monkeypatch.setattr(reference, "BLOCK_ELEMENTS", budget)
+        monkeypatch.setattr(reference, "MIN_ROWS", 1)
     L = sum(lengths)
     t = make_inputs(2, L, 2, 3, 1, 4)
     g = torch.Generator().manual_seed(5)
