@@ -118,8 +118,8 @@ def chunks_per_block(b: int, H: int, Q: int, P: int, N: int) -> int:
 class _Decays:
     """A block's decay factors from a = dt A (n, Q, H) and the document counters doc (n, Q).
 
-    cs = inclusive cumsum of a over the chunk, in float64, kept as float32 hi + lo parts so that
-    seg[i, j] = cs_i - cs_j is formed in float32 with an error relative to seg itself, not to cs.
+    cs = inclusive cumsum of a over the chunk, in float64; seg[i, j] = cs_i - cs_j is taken in
+    float64 and rounded once (a float32 cs would carry an error of ulp(|cs|) into every factor).
     din (H, n, Q) = exp(cs_i) where token i still sees the incoming state; dout (H, n, Q) =
     exp(tot - cs_j) where token j reaches the chunk's final state; g (H, n) = exp(tot) where the
     incoming state survives the chunk; tot = cs at the chunk's last token.
@@ -130,8 +130,6 @@ class _Decays:
         self.dtype = a.dtype
         cs = torch.cumsum(a.double(), dim=1).permute(2, 0, 1).contiguous()   # (H, n, Q)
         self.cs = cs
-        self.hi = cs.to(a.dtype)
-        self.lo = (cs - self.hi.double()).to(a.dtype) if a.dtype != torch.float64 else None
         tot = cs[..., -1:]                                                     # (H, n, 1)
         mask = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril()     # (Q, Q)
         din, dout, g = torch.exp(cs), torch.exp(tot - cs), torch.exp(tot[..., 0])
@@ -145,11 +143,8 @@ class _Decays:
 
     def causal(self, h):
         """Lm[i, j] = exp(cs_i - cs_j) for j <= i in one document, else 0: (n, Q, Q) for head h."""
-        hi = self.hi[h]
-        seg = hi.unsqueeze(-1) - hi.unsqueeze(-2)                              # (n, Q, Q)
-        if self.lo is not None:
-            lo = self.lo[h]
-            seg.add_(lo.unsqueeze(-1)).sub_(lo.unsqueeze(-2))
+        cs = self.cs[h]
+        seg = (cs.unsqueeze(-1) - cs.unsqueeze(-2)).to(self.dtype)            # (n, Q, Q)
         return seg.masked_fill_(self.out_of_reach, -math.inf).exp_()
 
 
@@ -229,8 +224,9 @@ def _reverse_pass(dS, e, g):
 
 def _seg_grad(dseg):
     """d loss / d a_r from the gradient of seg[i, j] = a_{j+1} + ... + a_i (n, Q, Q): the sum of
-    dseg over the rectangle i >= r > j, summed directly (no difference of large partial sums)."""
-    row = torch.cumsum(dseg, dim=-1).tril_(-1)                             # [i, c] = sum_{j <= c} dseg, i > c
+    dseg over the rectangle i >= r > j, summed directly (no difference of large partial sums) and
+    in float64 (up to Q^2 / 4 terms; the result is a float64 (n, Q))."""
+    row = torch.cumsum(dseg, dim=-1, dtype=torch.float64).tril_(-1)       # [i, c] = sum_{j <= c} dseg, i > c
     col = row.sum(-2)                                                      # (n, Q): c = r - 1
     return torch.nn.functional.pad(col[:, :-1], (1, 0))                   # (n, Q): a_0 never enters seg
 
