@@ -14,8 +14,8 @@ The math: `docs/ssd_op.md`. Per head h (head dim P, state N, scalar A_h < 0) of 
   (no dt transform, D or z: the public function applies those with plain torch ops), no autograd
   (the custom op in `op.py` adds it). No loop over time steps: chunks of Q tokens are batched,
   grouped into blocks of `chunks_per_block` chunks so temporaries stay within `BLOCK_ELEMENTS`;
-  only the state passing loops over chunks. The backward saves nothing from the forward: it
-  recomputes each block from the block's incoming state.
+  only the state passing loops over chunks (and the per-head Q x Q matrices over heads). The
+  forward returns the state entering each block; the backward recomputes each block from it.
 
 No Triton here.
 """
