@@ -15,7 +15,8 @@ Both have fake implementations; the forward's autograd formula calls the backwar
 graphs keep both opaque. Documents (`doc`): where the counter changes the state restarts from zero
 (S0 feeds the first document). Backends:
 
-- "torch": the chunked path below, with an explicit backward (autograd does not record inside a
+- "torch": SISO (r = 1) runs the SSD operator's generic chunked scan (`kernels/ssd/reference.py`,
+  one group per head); rank r > 1 runs the chunked path below, with an explicit backward (autograd does not record inside a
   custom op's implementation): chunks of Q tokens, grouped in blocks of `chunks_per_block` chunks
   so temporaries stay within `BLOCK_ELEMENTS`; the forward keeps only each block's incoming state
   (`saved`, (b, K, H, P, N), K blocks), the backward recomputes one block at a time from it, last
@@ -30,6 +31,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from kernels.ssd.reference import saved_blocks, scan_chunked_bwd, scan_chunked_fwd
 
 # Largest temporary of one block (b, K, Q, Q, H, r, r) in elements; read at call time (tests lower it).
 BLOCK_ELEMENTS = 1 << 22
@@ -229,6 +232,23 @@ def _triton_bwd(dy, dfinal, saved, u, ld, Bt, Ct, S0, doc, chunk_size):
     return _unfold(du, r, 0), dld, _unfold(dB, r, 0), _unfold(dC, r, 1), dS0
 
 
+def _torch_fwd(u, ld, Bt, Ct, S0, doc, chunk_size):
+    """The chunked path: SISO through the SSD operator's generic chunked scan (one group per head;
+    its per-head layout avoids this module's einsum copies), rank r > 1 through `core_chunked_fwd`."""
+    if u.shape[3] > 1:
+        return core_chunked_fwd(u, ld, Bt, Ct, S0, doc, chunk_size)
+    y, final, starts = scan_chunked_fwd(u[..., 0, :], ld, Bt[..., 0, :], Ct[..., 0, :], S0, doc, chunk_size)
+    return y[..., None, :], final, starts.transpose(0, 1)
+
+
+def _torch_bwd(dy, dfinal, saved, u, ld, Bt, Ct, S0, doc, chunk_size):
+    if u.shape[3] > 1:
+        return core_chunked_bwd(dy, dfinal, saved, u, ld, Bt, Ct, S0, doc, chunk_size)
+    du, dld, dB, dC, dS0 = scan_chunked_bwd(dy[..., 0, :], dfinal, u[..., 0, :], ld, Bt[..., 0, :], Ct[..., 0, :],
+                                            S0, doc, chunk_size, saved.transpose(0, 1))
+    return du[..., None, :], dld, dB[..., None, :], dC[..., None, :], dS0
+
+
 def _check_backend(backend: str) -> None:
     if backend not in ("torch", "triton"):
         raise ValueError(f"ssmkit::mamba3_scan_core: backend must be 'torch' or 'triton', got {backend!r}")
@@ -239,7 +259,7 @@ def mamba3_scan_core_op(u: torch.Tensor, logdecay: torch.Tensor, Bt: torch.Tenso
                         S0: torch.Tensor, doc: torch.Tensor | None, chunk_size: int,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backend(backend)
-    fwd = _triton_fwd if backend == "triton" else core_chunked_fwd
+    fwd = _triton_fwd if backend == "triton" else _torch_fwd
     y, final, saved = fwd(u, logdecay, Bt, Ct, S0, doc, chunk_size)
     return (y.to(u.dtype).contiguous(), final.to(u.dtype, copy=True).contiguous(),
             saved.to(u.dtype).contiguous())
@@ -250,6 +270,8 @@ def _saved_count(b, L, H, r, P, N, chunk_size, backend):
     if backend == "triton":
         from kernels.ssd.triton_ssd import saved_chunks
         return saved_chunks(L, chunk_size) if r == 1 else saved_chunks(2 * r * L, 2 * r * chunk_size)
+    if r == 1:
+        return saved_blocks(b, L, H, P, N, chunk_size)
     chunks = -(-L // chunk_size)
     return -(-chunks // chunks_per_block(b, H, r, chunk_size, P, N))
 
@@ -270,7 +292,7 @@ def mamba3_scan_core_backward_op(dy: torch.Tensor, dfinal: torch.Tensor, saved: 
                                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                         torch.Tensor]:
     _check_backend(backend)
-    bwd = _triton_bwd if backend == "triton" else core_chunked_bwd
+    bwd = _triton_bwd if backend == "triton" else _torch_bwd
     grads = bwd(dy, dfinal, saved, u, logdecay, Bt, Ct, S0, doc, chunk_size)
     # Fresh, contiguous tensors: an output of a custom op may not alias an input (dS0 can be dfinal).
     return tuple(g.to(x.dtype, copy=True).contiguous() for g, x in zip(grads, (u, logdecay, Bt, Ct, S0)))

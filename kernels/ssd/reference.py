@@ -154,6 +154,18 @@ def _groups(t, G):
     return t.reshape(n, Q, G, (H // G) * P).transpose(1, 2)
 
 
+def _gmm(a, b):
+    """(n, G, X, Y) @ (n, G, Y, Z) -> (n, G, X, Z). For G > 1 one bmm per group on the strided
+    views (a 4-D matmul would copy both operands into contiguous batches first)."""
+    n, G = a.shape[:2]
+    if G == 1:
+        return a @ b
+    out = torch.empty(G, n, a.shape[2], b.shape[3], dtype=a.dtype, device=a.device)
+    for g in range(G):
+        torch.bmm(a[:, g], b[:, g], out=out[g])
+    return out.transpose(0, 1)
+
+
 def _heads(t, H):
     """(n, G, Q, R P) -> (n, Q, H, P) token-major (a view when G = 1)."""
     n, G, Q, RP = t.shape
@@ -178,12 +190,14 @@ def _pass_states(S, s, g):
 
 
 def _states(x, dt, B, dec, S, b):
-    """Chunk states s = sum_j dout_j dt_j x_j B_j^T and the incoming state of every chunk.
-    Returns (S_in (n, H, P, N), outgoing S (b, H, P, N), wu = x dt dout (n, Q, H, P))."""
+    """Chunk states s = sum_j dout_j dt_j x_j B_j^T (dt None: x is u = dt x already) and the
+    incoming state of every chunk. Returns (S_in (n, H, P, N), outgoing S (b, H, P, N),
+    wu = x dt dout (n, Q, H, P))."""
     n, Q, H, P = x.shape
     G, N = B.shape[-2:]
-    wu = x * _token_major(dec.dout * dt.permute(2, 0, 1))                    # (n, Q, H, P)
-    s = _groups(wu, G).transpose(-1, -2) @ B.transpose(1, 2)                 # (n, G, R P, N)
+    factor = dec.dout if dt is None else dec.dout * dt.permute(2, 0, 1)
+    wu = x * _token_major(factor)                                              # (n, Q, H, P)
+    s = _gmm(_groups(wu, G).transpose(-1, -2), B.transpose(1, 2))           # (n, G, R P, N)
     g = dec.g.t().reshape(b, n // b, H)                                        # (b, K, H)
     S_in, S = _pass_states(S, s.reshape(b, n // b, H, P, N), g)
     return S_in.view(n, H, P, N), S, wu
@@ -192,20 +206,22 @@ def _states(x, dt, B, dec, S, b):
 def _block_fwd(x, dt, A, B, C, doc, before, S, out=None):
     """One block: x (n, Q, H, P), dt (n, Q, H), B, C (n, Q, G, N), doc (n, Q) or None, before (n,),
     incoming S (b, H, P, N) -> (y (n, Q, H, P), outgoing S); y is written into `out` (b, K, Q, H, P)
-    when that is contiguous."""
+    when that is contiguous. With dt None, x is u and A the per-token log-decay a (n, Q, H)."""
     n, Q, H, P = x.shape
     G, N = B.shape[-2:]
     R = H // G
-    dec = _Decays(dt * A, doc, before)
+    dec = _Decays(A if dt is None else dt * A, doc, before)
     S_in, S, _ = _states(x, dt, B, dec, S, S.shape[0])
     Ct = C.transpose(1, 2)                                                    # (n, G, Q, N)
-    CB = Ct @ B.permute(0, 2, 3, 1)                                           # (n, G, Q, Q)
-    dt_h = dt.permute(2, 0, 1).unsqueeze(-2)                                  # (H, n, 1, Q)
+    CB = _gmm(Ct, B.permute(0, 2, 3, 1))                                    # (n, G, Q, Q)
+    dt_h = None if dt is None else dt.permute(2, 0, 1).unsqueeze(-2)         # (H, n, 1, Q)
     y_heads = torch.empty(H, n, Q, P, dtype=x.dtype, device=x.device)        # head-major: plain bmm outputs
     for h in range(H):
-        M = dec.causal(h).mul_(CB[:, h // R]).mul_(dt_h[h])                  # (n, Q, Q), u = dt x folded in
+        M = dec.causal(h).mul_(CB[:, h // R])                                 # (n, Q, Q)
+        if dt_h is not None:
+            M.mul_(dt_h[h])                                                   # u = dt x folded in
         torch.bmm(M, x[:, :, h], out=y_heads[h])
-    Ys = _heads(Ct @ S_in.view(n, G, R * P, N).transpose(-1, -2), H)         # (n, Q, H, P)
+    Ys = _heads(_gmm(Ct, S_in.view(n, G, R * P, N).transpose(-1, -2)), H)     # (n, Q, H, P)
     if out is None or not out.is_contiguous():
         return torch.addcmul(y_heads.permute(1, 2, 0, 3), Ys, _token_major(dec.din)), S
     torch.addcmul(y_heads.permute(1, 2, 0, 3), Ys, _token_major(dec.din), out=out.view(n, Q, H, P))
@@ -234,52 +250,57 @@ def _seg_grad(dseg):
 # long: one block's backward reads best as one piece: every gradient reuses the recomputed forward.
 def _block_bwd(dy, dS, x, dt, A, B, C, doc, before, S):
     """Backward of `_block_fwd`: dy (n, Q, H, P), dS (b, H, P, N) the gradient of the outgoing
-    state -> (dx, ddt, dA, dB, dC, gradient of the incoming state)."""
+    state -> (dx, ddt, dA, dB, dC, gradient of the incoming state). With dt None (x is u, A the
+    per-token log-decay): (du, da (n, Q, H), None, dB, dC, dS)."""
     n, Q, H, P = x.shape
     G, N = B.shape[-2:]
     R, b = H // G, S.shape[0]
-    dec = _Decays(dt * A, doc, before)
+    dec = _Decays(A if dt is None else dt * A, doc, before)
     S_in, _, wu = _states(x, dt, B, dec, S, b)
     Bt, Ct = B.transpose(1, 2), C.transpose(1, 2)                             # (n, G, Q, N)
     S_g = S_in.view(n, G, R * P, N)
     # The incoming state: y_i += din_i S_in C_i.
     dyd = dy * _token_major(dec.din)                                          # (n, Q, H, P)
-    e = (_groups(dyd, G).transpose(-1, -2) @ Ct).reshape(b, n // b, H, P, N)
+    e = _gmm(_groups(dyd, G).transpose(-1, -2), Ct).reshape(b, n // b, H, P, N)
     dS_out, dS = _reverse_pass(dS, e, dec.g.t().reshape(b, n // b, H))
     dS_g = dS_out.view(n, G, R * P, N)
-    ddin = torch.linalg.vecdot(_heads(Ct @ S_g.transpose(-1, -2), H), dy)     # (n, Q, H)
-    dC = _groups(dyd, G) @ S_g                                                # (n, G, Q, N)
+    ddin = torch.linalg.vecdot(_heads(_gmm(Ct, S_g.transpose(-1, -2)), H), dy) # (n, Q, H)
+    dC = _gmm(_groups(dyd, G), S_g)                                         # (n, G, Q, N)
     del dyd
     # The chunk's state s = sum_j dout_j u_j B_j^T, u = dt x.
-    V = _heads(Bt @ dS_g.transpose(-1, -2), H)                                # (n, Q, H, P)
+    V = _heads(_gmm(Bt, dS_g.transpose(-1, -2)), H)                           # (n, Q, H, P)
     xV = torch.linalg.vecdot(V, x)                                            # (n, Q, H): ddout / dt
-    dB = _groups(wu, G) @ dS_g                                                # (n, G, Q, N)
+    dB = _gmm(_groups(wu, G), dS_g)                                          # (n, G, Q, N)
     del wu
     dg = torch.linalg.vecdot(dS_out.view(n, H, -1), S_in.view(n, H, -1))     # (n, H)
     # Inside the chunk, head by head: y = M u with M = Lm o CB; dM = dy u^T, du = M^T dy.
-    CB = Ct @ Bt.transpose(-1, -2)                                            # (n, G, Q, Q)
+    CB = _gmm(Ct, Bt.transpose(-1, -2))                                       # (n, G, Q, Q)
     dCB = torch.zeros_like(CB)
     da = torch.empty(H, n, Q, dtype=torch.float64, device=x.device)
-    dt_h = dt.permute(2, 0, 1).unsqueeze(-2)                                  # (H, n, 1, Q)
+    dt_h = None if dt is None else dt.permute(2, 0, 1).unsqueeze(-2)         # (H, n, 1, Q)
     du_heads = torch.empty(H, n, Q, P, dtype=x.dtype, device=x.device)       # head-major: plain bmm outputs
     for h in range(H):
         Lm = dec.causal(h)                                                    # (n, Q, Q)
         M = Lm * CB[:, h // R]
-        dM = (dy[:, :, h] @ x[:, :, h].transpose(-1, -2)).mul_(dt_h[h])       # (n, Q, Q)
+        dM = dy[:, :, h] @ x[:, :, h].transpose(-1, -2)                       # (n, Q, Q)
+        if dt_h is not None:
+            dM.mul_(dt_h[h])
         torch.bmm(M.transpose(-1, -2), dy[:, :, h], out=du_heads[h])
         dCB[:, h // R].addcmul_(dM, Lm)
         da[h] = _seg_grad(dM.mul_(M))
-    dC = dC.add_(dCB @ Bt)
-    dB = dB.add_(dCB.transpose(-1, -2) @ Ct)
+    dC = dC.add_(_gmm(dCB, Bt))
+    dB = dB.add_(_gmm(dCB.transpose(-1, -2), Ct))
     du = torch.addcmul(du_heads.permute(1, 2, 0, 3), V, _token_major(dec.dout))   # (n, Q, H, P)
     del du_heads, V
     # The factors din, dout, g through cs = cumsum(a) (float64: small tensors).
-    ddout = xV * dt                                                           # (n, Q, H)
+    ddout = xV if dt is None else xV * dt                                     # (n, Q, H)
     ddin_h, ddout_h = ddin.permute(2, 0, 1).double(), ddout.permute(2, 0, 1).double()   # (H, n, Q)
     dcs = ddin_h * dec.din.double() - ddout_h * dec.dout.double()
     dcs[..., -1] += (ddout_h * dec.dout.double()).sum(-1) + (dg.t() * dec.g).double()
     da += torch.flip(torch.cumsum(torch.flip(dcs, [-1]), -1), [-1])
     da = da.permute(1, 2, 0)                                                  # (n, Q, H)
+    if dt is None:
+        return du, da.to(x.dtype), None, _heads_t(dB), _heads_t(dC), dS
     # u = dt x: ddt gets x . du, plus xV dout from the chunk state's own dependence on u.
     ddt = (da * A.double()).to(x.dtype) + torch.linalg.vecdot(du, x)         # (n, Q, H)
     dA = (da * dt.double()).sum((0, 1)).to(x.dtype)                           # (H,)
@@ -342,56 +363,85 @@ def saved_blocks(b, L, H, P, N, chunk_size) -> int:
     return -(-c // k)
 
 
-def ssd_chunked_fwd(x, dt, A, B, C, initial_states, doc, chunk_size):
-    """The scan y_t = S_t C_t by chunks: x (b, L, H, P), dt (b, L, H) (already transformed), A (H,),
-    B, C (b, L, G, N), initial_states (b, H, P, N) or None, doc (b, L) int64 counter or None.
-    Returns (y (b, L, H, P), final state (b, H, P, N), the state entering each block
-    (`saved_blocks`, b, H, P, N), which spares the backward a forward sweep). No autograd."""
+def _chunked_fwd(x, dt, A, B, C, initial_states, doc, chunk_size):
+    """`ssd_chunked_fwd`, or with dt None the generic scan: x is u and A the log-decay (b, L, H)."""
     b, L, H, P = x.shape
     N = B.shape[-1]
     chunk_size = min(chunk_size, MAX_CHUNK)
-    xs, dts, Bs, Cs, docs = _canonical(x, dt, B, C, doc, chunk_size)
+    xs, dts, Bs, Cs, docs = _canonical(x, A if dt is None else dt, B, C, doc, chunk_size)
     S = x.new_zeros(b, H, P, N) if initial_states is None else initial_states.to(x.dtype)
     y = torch.empty_like(xs)                                               # (b, c, Q, H, P)
     starts = []
     for blk in _blocks(x, chunk_size, N):
         starts.append(S)
         d, before = _block_docs(docs, blk)
-        yb, S = _block_fwd(_merged(xs, blk), _merged(dts, blk), A, _merged(Bs, blk), _merged(Cs, blk),
+        dt_b, A_b = (None, _merged(dts, blk)) if dt is None else (_merged(dts, blk), A)
+        yb, S = _block_fwd(_merged(xs, blk), dt_b, A_b, _merged(Bs, blk), _merged(Cs, blk),
                            d, before, S, out=y[:, blk])
         if yb.data_ptr() != y[:, blk].data_ptr():
             y[:, blk] = yb.view(b, -1, *yb.shape[1:])
     return y.reshape(b, -1, H, P)[:, :L], S, torch.stack(starts)
 
 
-def ssd_chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size, starts=None):
-    """Gradients of <dy, y> + <dfinal, final> from `ssd_chunked_fwd` w.r.t. x, dt, A, B, C and the
-    initial state (zeros when it is None). The blocks run backward, each recomputed from its
-    incoming state: `starts` as the forward returned them, or (None) from a forward sweep here."""
+def ssd_chunked_fwd(x, dt, A, B, C, initial_states, doc, chunk_size):
+    """The scan y_t = S_t C_t by chunks: x (b, L, H, P), dt (b, L, H) (already transformed), A (H,),
+    B, C (b, L, G, N), initial_states (b, H, P, N) or None, doc (b, L) int64 counter or None.
+    Returns (y (b, L, H, P), final state (b, H, P, N), the state entering each block
+    (`saved_blocks`, b, H, P, N), which spares the backward a forward sweep). No autograd."""
+    return _chunked_fwd(x, dt, A, B, C, initial_states, doc, chunk_size)
+
+
+def scan_chunked_fwd(u, logdecay, B, C, initial_states, doc, chunk_size):
+    """The generic scan S_t = exp(logdecay_t) S_{t-1} + u_t B_t^T, y_t = S_t C_t by the same chunks:
+    u (b, L, H, P), logdecay (b, L, H), B, C (b, L, G, N); returns what `ssd_chunked_fwd` returns."""
+    return _chunked_fwd(u, None, logdecay, B, C, initial_states, doc, chunk_size)
+
+
+def _chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size, starts=None):
+    """`ssd_chunked_bwd`, or with dt None the generic scan's (dA is then the log-decay's gradient)."""
     b, L, H, P = x.shape
     N = B.shape[-1]
     Q = min(chunk_size, MAX_CHUNK)
-    xs, dts, Bs, Cs, docs = _canonical(x, dt, B, C, doc, Q)
+    xs, dts, Bs, Cs, docs = _canonical(x, A if dt is None else dt, B, C, doc, Q)
     dys = _chunked(dy.to(x.dtype), Q)
     blocks = _blocks(x, Q, N)
+
+    def block_args(blk):
+        return (None, _merged(dts, blk)) if dt is None else (_merged(dts, blk), A)
+
     if starts is None or starts.shape[0] != len(blocks):
         S = x.new_zeros(b, H, P, N) if initial_states is None else initial_states.to(x.dtype)
         starts = [S]
         for blk in blocks[:-1]:
             d, before = _block_docs(docs, blk)
-            dt_b = _merged(dts, blk)
-            dec = _Decays(dt_b * A, d, before)
+            dt_b, A_b = block_args(blk)
+            dec = _Decays(A_b if dt_b is None else dt_b * A_b, d, before)
             S = _states(_merged(xs, blk), dt_b, _merged(Bs, blk), dec, S, b)[1]
             starts.append(S)
     grads = [torch.empty_like(t) for t in (xs, dts, Bs, Cs)]
-    dA = A.new_zeros(H, dtype=x.dtype)
+    dA = None if dt is None else A.new_zeros(H, dtype=x.dtype)
     dS = dfinal.to(x.dtype)
     for blk, S in reversed(list(zip(blocks, starts))):
         d, before = _block_docs(docs, blk)
-        dx, ddt, dA_blk, dB, dC, dS = _block_bwd(_merged(dys, blk), dS, _merged(xs, blk), _merged(dts, blk), A,
+        dx, ddt, dA_blk, dB, dC, dS = _block_bwd(_merged(dys, blk), dS, _merged(xs, blk), *block_args(blk),
                                                   _merged(Bs, blk), _merged(Cs, blk), d, before, S.to(x.dtype))
         for grad, part in zip(grads, (dx, ddt, dB, dC)):
             grad[:, blk] = part.reshape(b, -1, *part.shape[1:])
-        dA = dA + dA_blk
+        if dA is not None:
+            dA = dA + dA_blk
     dx, ddt, dB, dC = (t.reshape(b, -1, *t.shape[3:])[:, :L] for t in grads)
     return dx, ddt, dA, dB, dC, dS
+
+
+def ssd_chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size, starts=None):
+    """Gradients of <dy, y> + <dfinal, final> from `ssd_chunked_fwd` w.r.t. x, dt, A, B, C and the
+    initial state (zeros when it is None). The blocks run backward, each recomputed from its
+    incoming state: `starts` as the forward returned them, or (None) from a forward sweep here."""
+    return _chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size, starts)
+
+
+def scan_chunked_bwd(dy, dfinal, u, logdecay, B, C, initial_states, doc, chunk_size, starts=None):
+    """Gradients of `scan_chunked_fwd`: (du, dlogdecay, dB, dC, dinitial_states)."""
+    du, dld, _, dB, dC, dS = _chunked_bwd(dy, dfinal, u, None, logdecay, B, C, initial_states, doc, chunk_size,
+                                          starts)
+    return du, dld, dB, dC, dS

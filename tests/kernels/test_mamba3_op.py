@@ -17,6 +17,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 import kernels.mamba3.op as m3op
+import kernels.ssd.reference as ssd_reference
 from kernels.mamba3 import mamba3_mimo_ref, mamba3_ref, mamba3_scan
 from kernels.mamba3.op import (
     mamba3_scan_core_backward_op,
@@ -31,6 +32,12 @@ F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
 STATE_NAMES = ("y", "ssm", "B_prev", "x_prev", "cos angle")
 INIT_NAMES = ("angle0", "ssm0", "B_prev0", "x_prev0")
+
+
+def _ssd_blocks(monkeypatch, budget):
+    """The same block budget for the SSD chunked scan, which the SISO core runs on."""
+    monkeypatch.setattr(ssd_reference, "BLOCK_ELEMENTS", budget)
+    monkeypatch.setattr(ssd_reference, "MIN_ROWS", 1)
 
 
 def _compare(got, got_g, want, want_g, names):
@@ -48,6 +55,7 @@ def test_siso_op_matches_sequential(L, Q, blocks, with_state, monkeypatch):
     every gradient; `blocks` lowers the block budget so the op runs several blocks of one chunk."""
     if blocks:
         monkeypatch.setattr(m3op, "BLOCK_ELEMENTS", 1)
+        _ssd_blocks(monkeypatch, 1)  # SISO runs the SSD chunked scan
     kw, init = inputs(L=L, state=with_state, seed=L)
     want, want_g = _grads(mamba3_ref, kw, init)
     got, got_g = _grads(lambda **a: mamba3_scan(**a, chunk_size=Q, return_final_state=True, backend="torch"),
@@ -58,6 +66,7 @@ def test_siso_op_matches_sequential(L, Q, blocks, with_state, monkeypatch):
 @pytest.mark.parametrize("L,Q,r", [(1, 4, 2), (13, 4, 3), (9, 16, 1)])
 def test_mimo_op_matches_sequential(L, Q, r, monkeypatch):
     monkeypatch.setattr(m3op, "BLOCK_ELEMENTS", 2000)  # a few chunks per block
+    _ssd_blocks(monkeypatch, 2000)  # SISO runs the SSD chunked scan
     kw, init = mimo_inputs(L=L, r=r, seed=L + r)
     want, want_g = _grads(mamba3_mimo_ref, kw, init)
     got, got_g = _grads(lambda **a: mamba3_scan(**a, chunk_size=Q, return_final_state=True, backend="torch"),
@@ -69,6 +78,7 @@ def test_mimo_op_matches_sequential(L, Q, r, monkeypatch):
 def test_packed_documents_through_the_op(mimo, monkeypatch):
     """seq_idx with boundaries inside a chunk, on a chunk edge and on a block edge (one chunk per block)."""
     monkeypatch.setattr(m3op, "BLOCK_ELEMENTS", 1)
+    _ssd_blocks(monkeypatch, 1)  # SISO runs the SSD chunked scan
     kw, init = mimo_inputs(L=19, seed=13) if mimo else inputs(L=19, seed=13)
     ref = mamba3_mimo_ref if mimo else mamba3_ref
     seq = torch.tensor([[0] * 4 + [1] * 8 + [5] * 7, [2] * 3 + [3] * 16])
@@ -107,12 +117,15 @@ def _core_grads(fn, args):
 
 @pytest.mark.parametrize("L,Q,budget", [(1, 4, None), (11, 4, 1), (11, 3, 500), (11, 16, None)])
 @pytest.mark.parametrize("packed", [False, True])
-def test_core_matches_plain_recurrence(L, Q, budget, packed, monkeypatch):
+@pytest.mark.parametrize("r", [1, 2])
+def test_core_matches_plain_recurrence(L, Q, budget, packed, r, monkeypatch):
     """The core op alone (y, final, du, dlogdecay, dBt, dCt, dS0) == the plain recurrence, with ragged
-    last chunks and blocks (budget: elements per block, None = the default)."""
+    last chunks and blocks (budget: elements per block, None = the default); r = 1 runs on the SSD
+    operator's chunked scan, r = 2 on this module's own path."""
     if budget is not None:
         monkeypatch.setattr(m3op, "BLOCK_ELEMENTS", budget)
-    args = core_inputs(L=L, seed=L + Q)
+        _ssd_blocks(monkeypatch, budget)  # SISO runs the SSD chunked scan
+    args = core_inputs(L=L, r=r, seed=L + Q)
     doc = torch.stack([torch.arange(L) >= L // 2, torch.arange(L) >= 2]).long() * 3 if packed else None
     want = _core_grads(lambda *a: core_sequential(*a, doc), args)
     got = _core_grads(lambda *a: scan_core(*a, Q, doc), args)
