@@ -15,7 +15,7 @@ Both have fake implementations; the forward's autograd formula calls the backwar
 graphs keep both opaque. Documents (`doc`): where the counter changes the state restarts from zero
 (S0 feeds the first document). Backends:
 
-- "torch": SISO (r = 1) runs the SSD operator's generic chunked scan (`kernels/ssd/reference.py`,
+- "torch": SISO (r = 1) runs the SSD operator's generic chunked scan (`kernels/ssd/chunked.py`,
   one group per head); rank r > 1 runs the chunked path below, with an explicit backward (autograd does not record inside a
   custom op's implementation): chunks of Q tokens, grouped in blocks of `chunks_per_block` chunks
   so temporaries stay within `BLOCK_ELEMENTS`; the forward keeps only each block's incoming state
@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.ssd.reference import saved_blocks, scan_chunked_bwd, scan_chunked_fwd
+from kernels.ssd.chunked import saved_blocks, scan_chunked_bwd, scan_chunked_fwd
 
 # Largest temporary of one block (b, K, Q, Q, H, r, r) in elements; read at call time (tests lower it).
 BLOCK_ELEMENTS = 1 << 22

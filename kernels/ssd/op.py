@@ -7,7 +7,7 @@ Two custom ops on the canonical shapes of `ssd_chunked_fwd` (`reference.py`), ba
 dt is the transformed step (the public function applies bias, softplus and clamp, and the D skip
 and z gate, with plain torch ops). `saved` is what the backward keeps from the forward: for
 backend "triton" one state per chunk_size tokens (b, K, H, P, N) (`triton_ssd.py`); for the chunked
-path the state entering each block of chunks (n_blocks, b, H, P, N) (`reference.saved_blocks`). Both ops have fake implementations;
+path the state entering each block of chunks (n_blocks, b, H, P, N) (`chunked.saved_blocks`). Both ops have fake implementations;
 the forward's autograd formula calls the backward op, so compiled graphs keep both opaque.
 Triton is imported only when the Triton backend runs.
 """
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from kernels.ssd.reference import saved_blocks, ssd_chunked_bwd, ssd_chunked_fwd
+from kernels.ssd.chunked import saved_blocks, ssd_chunked_bwd, ssd_chunked_fwd
 
 
 @torch.library.custom_op("ssmkit::ssd", mutates_args=())

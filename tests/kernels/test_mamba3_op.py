@@ -17,7 +17,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 import kernels.mamba3.op as m3op
-import kernels.ssd.reference as ssd_reference
+import kernels.ssd.chunked as ssd_chunked
 from kernels.mamba3 import mamba3_mimo_ref, mamba3_ref, mamba3_scan
 from kernels.mamba3.op import (
     mamba3_scan_core_backward_op,
@@ -36,8 +36,8 @@ INIT_NAMES = ("angle0", "ssm0", "B_prev0", "x_prev0")
 
 def _ssd_blocks(monkeypatch, budget):
     """The same block budget for the SSD chunked scan, which the SISO core runs on."""
-    monkeypatch.setattr(ssd_reference, "BLOCK_ELEMENTS", budget)
-    monkeypatch.setattr(ssd_reference, "MIN_ROWS", 1)
+    monkeypatch.setattr(ssd_chunked, "BLOCK_ELEMENTS", budget)
+    monkeypatch.setattr(ssd_chunked, "MIN_ROWS", 1)
 
 
 def _compare(got, got_g, want, want_g, names):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.ssd.reference as reference
+import kernels.ssd.chunked as chunked_path
 from kernels.ssd import mamba_chunk_scan_combined, ssd, ssd_ref
 from tests.utils import assert_close, assert_within_budget
 
@@ -99,8 +99,8 @@ def test_negative_dt_is_clamped_to_zero():
 @pytest.mark.parametrize("budget", [1, 3000])
 def test_several_blocks(budget, monkeypatch):
     # A tiny element budget gives one chunk per block, so the sweeps across blocks are exercised.
-    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", budget)
-    monkeypatch.setattr(reference, "MIN_ROWS", 1)
+    monkeypatch.setattr(chunked_path, "BLOCK_ELEMENTS", budget)
+    monkeypatch.setattr(chunked_path, "MIN_ROWS", 1)
     t = make_inputs(2, 45, 2, 3, 1, 4)
     seq_idx = torch.tensor([[0] * 20 + [1] * 25, [3] * 7 + [0] * 38])
     kw = dict(dt_softplus=True, seq_idx=seq_idx)
@@ -110,17 +110,17 @@ def test_several_blocks(budget, monkeypatch):
 def test_backward_without_saved_block_states_sweeps_forward(monkeypatch):
     """The backward recomputes the block-start states itself when the forward's are not given:
     same gradients as with them (and those are checked against the definition above)."""
-    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 1)
-    monkeypatch.setattr(reference, "MIN_ROWS", 1)
+    monkeypatch.setattr(chunked_path, "BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(chunked_path, "MIN_ROWS", 1)
     t = make_inputs(2, 21, 2, 3, 1, 4)
     x, B, C, S0 = t["x"], t["B"], t["C"], t["initial_states"]
     dt = torch.rand(2, 21, 2, dtype=torch.float64) * 0.5
     doc = torch.tensor([[0] * 9 + [1] * 12, [0] * 21])
-    y, final, starts = reference.ssd_chunked_fwd(x, dt, t["A"], B, C, S0, doc, 4)
-    assert starts.shape[0] == reference.saved_blocks(2, 21, 2, 3, 4, 4) == 6
+    y, final, starts = chunked_path.ssd_chunked_fwd(x, dt, t["A"], B, C, S0, doc, 4)
+    assert starts.shape[0] == chunked_path.saved_blocks(2, 21, 2, 3, 4, 4) == 6
     dy, dfinal = torch.randn_like(y), torch.randn_like(final)
-    with_saved = reference.ssd_chunked_bwd(dy, dfinal, x, dt, t["A"], B, C, S0, doc, 4, starts)
-    swept = reference.ssd_chunked_bwd(dy, dfinal, x, dt, t["A"], B, C, S0, doc, 4)
+    with_saved = chunked_path.ssd_chunked_bwd(dy, dfinal, x, dt, t["A"], B, C, S0, doc, 4, starts)
+    swept = chunked_path.ssd_chunked_bwd(dy, dfinal, x, dt, t["A"], B, C, S0, doc, 4)
     for name, a, e in zip(("x", "dt", "A", "B", "C", "initial state"), with_saved, swept):
         assert_close(a, e, name=name)
 
@@ -305,12 +305,12 @@ def test_bad_input_raises():
 def test_chunked_path_caps_its_chunk(monkeypatch):
     # The chunked path runs chunks of at most MAX_CHUNK tokens whatever the caller asks (here 4
     # instead of 16, with a ragged last chunk and a document boundary inside a chunk).
-    monkeypatch.setattr(reference, "MAX_CHUNK", 4)
+    monkeypatch.setattr(chunked_path, "MAX_CHUNK", 4)
     t = make_inputs(1, 23, 2, 3, 1, 4)
     seq_idx = torch.tensor([[0] * 10 + [1] * 13])
     kw = dict(dt_softplus=True, seq_idx=seq_idx)
     seen = []
-    real = reference._canonical
-    monkeypatch.setattr(reference, "_canonical", lambda *a: seen.append(a[-1]) or real(*a))
+    real = chunked_path._canonical
+    monkeypatch.setattr(chunked_path, "_canonical", lambda *a: seen.append(a[-1]) or real(*a))
     compare(run(chunked, t, chunk_size=16, **kw), run(sequential, t, **kw), "capped")
     assert seen and set(seen) == {4}, seen

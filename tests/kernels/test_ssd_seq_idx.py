@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.ssd.reference as reference
+import kernels.ssd.chunked as chunked_path
 from kernels.ssd import ssd, ssd_ref
 from tests.kernels.test_ssd import make_inputs
 from tests.utils import assert_close
@@ -62,8 +62,8 @@ def separate(t, lengths, gy, gs):
                          ids=["reference", "chunked", "chunked-one-chunk-per-block"])
 def test_packed_equals_separate_runs(fn, lengths, budget, monkeypatch):
     if budget is not None:
-        monkeypatch.setattr(reference, "BLOCK_ELEMENTS", budget)
-        monkeypatch.setattr(reference, "MIN_ROWS", 1)
+        monkeypatch.setattr(chunked_path, "BLOCK_ELEMENTS", budget)
+        monkeypatch.setattr(chunked_path, "MIN_ROWS", 1)
     L = sum(lengths)
     t = make_inputs(2, L, 2, 3, 1, 4)
     g = torch.Generator().manual_seed(5)
