@@ -16,11 +16,11 @@ graphs keep both opaque. Documents (`doc`): where the counter changes the state 
 (S0 feeds the first document). Backends:
 
 - "torch": SISO (r = 1) runs the SSD operator's generic chunked scan (`kernels/ssd/chunked.py`,
-  one group per head); rank r > 1 runs the chunked path below, with an explicit backward (autograd does not record inside a
-  custom op's implementation): chunks of Q tokens, grouped in blocks of `chunks_per_block` chunks
-  so temporaries stay within `BLOCK_ELEMENTS`; the forward keeps only each block's incoming state
-  (`saved`, (b, K, H, P, N), K blocks), the backward recomputes one block at a time from it, last
-  block first, so memory stays linear in L.
+  one group per head); rank r > 1 runs the chunked path below, with an explicit backward
+  (autograd does not record inside a custom op's implementation): chunks of Q tokens, grouped in
+  blocks of `chunks_per_block` chunks so temporaries stay within `BLOCK_ELEMENTS`; the forward
+  keeps only each block's incoming state (`saved`, (b, K, H, P, N), K blocks), the backward
+  recomputes one block at a time from it, last block first, so memory stays linear in L.
 - "triton": the generic scan core of `kernels/ssd/triton_ssd.py` (imported when it runs), one B, C
   per head (G = H); `saved` holds the state entering each kernel chunk. Rank r > 1 is folded into
   a rank-1 scan of 2r tokens per step (`_fold`).

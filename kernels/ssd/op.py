@@ -1,14 +1,15 @@
 """`torch.library` registration of the SSD scan and its autograd, so `torch.compile` can trace it.
 
-Two custom ops on the canonical shapes of `ssd_chunked_fwd` (`reference.py`), backend resolved:
+Two custom ops on the canonical shapes of `ssd_chunked_fwd` (`chunked.py`), backend resolved:
 - `ssmkit::ssd(x, dt, A, B, C, initial_states?, doc?, chunk_size, backend) -> (y, final_state, saved)`
 - `ssmkit::ssd_backward(dy, dfinal, saved, x, dt, A, B, C, initial_states?, doc?, chunk_size, backend)
   -> (dx, ddt, dA, dB, dC, dinitial_states)` (dinitial_states is zeros-shaped when there is none)
 dt is the transformed step (the public function applies bias, softplus and clamp, and the D skip
 and z gate, with plain torch ops). `saved` is what the backward keeps from the forward: for
-backend "triton" one state per chunk_size tokens (b, K, H, P, N) (`triton_ssd.py`); for the chunked
-path the state entering each block of chunks (n_blocks, b, H, P, N) (`chunked.saved_blocks`). Both ops have fake implementations;
-the forward's autograd formula calls the backward op, so compiled graphs keep both opaque.
+backend "triton" one state per chunk_size tokens (b, K, H, P, N) (`triton_ssd.py`); for the
+chunked path the state entering each block of chunks (n_blocks, b, H, P, N)
+(`chunked.saved_blocks`). Both ops have fake implementations; the forward's autograd formula
+calls the backward op, so compiled graphs keep both opaque.
 Triton is imported only when the Triton backend runs.
 """
 from __future__ import annotations
