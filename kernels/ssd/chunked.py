@@ -82,6 +82,11 @@ class _Decays:
         return seg.masked_fill_(self.out_of_reach, -math.inf).exp_()
 
 
+def _log_decay(dt, A):
+    """a = dt A (SSD), or A itself when dt is None (the generic scan: A is the per-token log-decay)."""
+    return A if dt is None else dt * A
+
+
 def _groups(t, G):
     """(n, Q, H, P) token-major -> (n, G, Q, R P): a group's heads side by side (a view when G = 1)."""
     n, Q, H, P = t.shape
@@ -144,7 +149,7 @@ def _block_fwd(x, dt, A, B, C, doc, before, S, out=None):
     n, Q, H, P = x.shape
     G, N = B.shape[-2:]
     R = H // G
-    dec = _Decays(A if dt is None else dt * A, doc, before)
+    dec = _Decays(_log_decay(dt, A), doc, before)
     S_in, S, _ = _states(x, dt, B, dec, S, S.shape[0])
     Ct = C.transpose(1, 2)                                                    # (n, G, Q, N)
     CB = _gmm(Ct, B.permute(0, 2, 3, 1))                                    # (n, G, Q, Q)
@@ -189,7 +194,7 @@ def _block_bwd(dy, dS, x, dt, A, B, C, doc, before, S):
     n, Q, H, P = x.shape
     G, N = B.shape[-2:]
     R, b = H // G, S.shape[0]
-    dec = _Decays(A if dt is None else dt * A, doc, before)
+    dec = _Decays(_log_decay(dt, A), doc, before)
     S_in, _, wu = _states(x, dt, B, dec, S, b)
     Bt, Ct = B.transpose(1, 2), C.transpose(1, 2)                             # (n, G, Q, N)
     S_g = S_in.view(n, G, R * P, N)
@@ -266,11 +271,22 @@ def _canonical(x, dt, B, C, doc, Q):
     return xs, dts, Bs, Cs, docs
 
 
-def _blocks(x, Q, N):
-    b, L, H, P = x.shape
-    c = -(-L // Q)
-    k = chunks_per_block(b, H, Q, P, N)
+def _layout(b, L, H, P, N, chunk_size):
+    """(Q, c, k): the chunk length used, the number of chunks and the chunks per block."""
+    Q = min(chunk_size, MAX_CHUNK)
+    return Q, -(-L // Q), chunks_per_block(b, H, Q, P, N)
+
+
+def _blocks(x, N, chunk_size):
+    """The blocks of chunks as slices over the chunk axis."""
+    _, c, k = _layout(*x.shape, N, chunk_size)
     return [slice(i, min(i + k, c)) for i in range(0, c, k)]
+
+
+def _block_steps(dts, dt, A, blk):
+    """(dt, A) of block `blk` for `_block_fwd` / `_block_bwd`: SSD's step and A, or (None, the
+    block's log-decay) for the generic scan (then `dts` holds the log-decay)."""
+    return (None, _merged(dts, blk)) if dt is None else (_merged(dts, blk), A)
 
 
 def _merged(t, blk):
@@ -290,10 +306,8 @@ def _block_docs(docs, blk):
 
 
 def saved_blocks(b, L, H, P, N, chunk_size) -> int:
-    """How many block-start states `ssd_chunked_fwd` returns for these shapes."""
-    Q = min(chunk_size, MAX_CHUNK)
-    c = -(-L // Q)
-    k = chunks_per_block(b, H, Q, P, N)
+    """How many block-start states `ssd_chunked_fwd` returns for these shapes (symbolic-size safe)."""
+    _, c, k = _layout(b, L, H, P, N, chunk_size)
     return -(-c // k)
 
 
@@ -301,17 +315,16 @@ def _chunked_fwd(x, dt, A, B, C, initial_states, doc, chunk_size):
     """`ssd_chunked_fwd`, or with dt None the generic scan: x is u and A the log-decay (b, L, H)."""
     b, L, H, P = x.shape
     N = B.shape[-1]
-    chunk_size = min(chunk_size, MAX_CHUNK)
-    xs, dts, Bs, Cs, docs = _canonical(x, A if dt is None else dt, B, C, doc, chunk_size)
+    Q = min(chunk_size, MAX_CHUNK)
+    xs, dts, Bs, Cs, docs = _canonical(x, A if dt is None else dt, B, C, doc, Q)
     S = x.new_zeros(b, H, P, N) if initial_states is None else initial_states.to(x.dtype)
     y = torch.empty_like(xs)                                               # (b, c, Q, H, P)
     starts = []
-    for blk in _blocks(x, chunk_size, N):
+    for blk in _blocks(x, N, chunk_size):
         starts.append(S)
         d, before = _block_docs(docs, blk)
-        dt_b, A_b = (None, _merged(dts, blk)) if dt is None else (_merged(dts, blk), A)
-        yb, S = _block_fwd(_merged(xs, blk), dt_b, A_b, _merged(Bs, blk), _merged(Cs, blk),
-                           d, before, S, out=y[:, blk])
+        yb, S = _block_fwd(_merged(xs, blk), *_block_steps(dts, dt, A, blk), _merged(Bs, blk),
+                           _merged(Cs, blk), d, before, S, out=y[:, blk])
         if yb.data_ptr() != y[:, blk].data_ptr():
             y[:, blk] = yb.view(b, -1, *yb.shape[1:])
     return y.reshape(b, -1, H, P)[:, :L], S, torch.stack(starts)
@@ -338,18 +351,14 @@ def _chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size, st
     Q = min(chunk_size, MAX_CHUNK)
     xs, dts, Bs, Cs, docs = _canonical(x, A if dt is None else dt, B, C, doc, Q)
     dys = _chunked(dy.to(x.dtype), Q)
-    blocks = _blocks(x, Q, N)
-
-    def block_args(blk):
-        return (None, _merged(dts, blk)) if dt is None else (_merged(dts, blk), A)
-
+    blocks = _blocks(x, N, chunk_size)
     if starts is None or starts.shape[0] != len(blocks):
         S = x.new_zeros(b, H, P, N) if initial_states is None else initial_states.to(x.dtype)
         starts = [S]
         for blk in blocks[:-1]:
             d, before = _block_docs(docs, blk)
-            dt_b, A_b = block_args(blk)
-            dec = _Decays(A_b if dt_b is None else dt_b * A_b, d, before)
+            dt_b, A_b = _block_steps(dts, dt, A, blk)
+            dec = _Decays(_log_decay(dt_b, A_b), d, before)
             S = _states(_merged(xs, blk), dt_b, _merged(Bs, blk), dec, S, b)[1]
             starts.append(S)
     grads = [torch.empty_like(t) for t in (xs, dts, Bs, Cs)]
@@ -357,8 +366,9 @@ def _chunked_bwd(dy, dfinal, x, dt, A, B, C, initial_states, doc, chunk_size, st
     dS = dfinal.to(x.dtype)
     for blk, S in reversed(list(zip(blocks, starts))):
         d, before = _block_docs(docs, blk)
-        dx, ddt, dA_blk, dB, dC, dS = _block_bwd(_merged(dys, blk), dS, _merged(xs, blk), *block_args(blk),
-                                                  _merged(Bs, blk), _merged(Cs, blk), d, before, S.to(x.dtype))
+        dx, ddt, dA_blk, dB, dC, dS = _block_bwd(_merged(dys, blk), dS, _merged(xs, blk),
+                                                  *_block_steps(dts, dt, A, blk), _merged(Bs, blk),
+                                                  _merged(Cs, blk), d, before, S.to(x.dtype))
         for grad, part in zip(grads, (dx, ddt, dB, dC)):
             grad[:, blk] = part.reshape(b, -1, *part.shape[1:])
         if dA is not None:

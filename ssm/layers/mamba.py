@@ -24,8 +24,15 @@ from torch import nn
 from kernels.selective_scan import selective_scan, selective_state_update
 from ssm.config import MambaConfig, build, keyword_signature
 from ssm.discretize import log_dt_init
-from ssm.layers.nn import ConfigAttributes, check_finite, check_lengths, keyword_only, length_mask
-from ssm.packing import check_seq_idx, positions
+from ssm.layers.causal_conv import causal_conv_silu
+from ssm.layers.nn import (
+    ConfigAttributes,
+    check_finite,
+    check_lengths,
+    keyword_only,
+    length_mask,
+)
+from ssm.packing import check_seq_idx
 
 BACKENDS = ("auto", "torch", "triton")
 DT_INITS = ("random", "constant")
@@ -92,27 +99,14 @@ def check_packing(seq_idx, lengths, batch: int, L: int) -> torch.Tensor | None:
 
 def causal_conv(u: torch.Tensor, conv: nn.Conv1d, conv_state: torch.Tensor | None,
                 seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal depthwise convolution + SiLU of u (B, C, L), continuing from `conv_state` (B, C, W).
+    """Causal depthwise convolution + SiLU of u (B, C, L), continuing from `conv_state` (B, C, W):
+    `causal_conv_silu` on the channels-last view (u is usually a transposed projection output).
 
     With `seq_idx` (B, L) no tap reaches back past its token's document start (the first
-    document may still reach into `conv_state`): one masked product per tap.
+    document may still reach into `conv_state`).
     """
-    W = conv.kernel_size[0]
-    if conv_state is None:
-        window = F.pad(u, (W - 1, 0))                                  # (B, C, W-1+L)
-    else:
-        window = torch.cat([conv_state[..., 1:].to(u.dtype), u], -1)  # (B, C, W-1+L)
-    if seq_idx is None:
-        return F.silu(F.conv1d(window, conv.weight, conv.bias, groups=conv.groups))   # (B, C, L)
-    L = u.shape[-1]
-    pos = positions(seq_idx)                                           # (B, L)
-    first = seq_idx == seq_idx[:, :1]                                  # (B, L): the first document
-    out = 0.0 if conv.bias is None else conv.bias[:, None]
-    for back in range(W):                                              # tap reading u_{t - back}
-        reach = (pos >= back) | first if conv_state is not None else pos >= back   # (B, L)
-        tap = window[..., W - 1 - back: W - 1 - back + L] * reach[:, None, :].to(u.dtype)   # (B, C, L)
-        out = out + conv.weight[:, 0, W - 1 - back, None] * tap
-    return F.silu(out)                                                 # (B, C, L)
+    v = causal_conv_silu(u.transpose(1, 2), conv.weight[:, 0], conv.bias, conv_state, seq_idx)   # (B, L, C)
+    return v.transpose(1, 2)                                           # (B, C, L)
 
 
 def next_conv_state(u: torch.Tensor, conv_state: torch.Tensor, lengths: torch.Tensor | None,
